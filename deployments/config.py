@@ -1,0 +1,236 @@
+"""The schema of the app's ``args``: one pydantic model, validated once in the builder.
+
+Every field has a description; ``extra="forbid"`` everywhere, so a typo in a YAML key
+is an error that names its path, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SOURCE_SCHEMES = ("embedded://", "s3://", "hf://", "file://", "/")
+# Engine args the schema owns elsewhere: two places to set one thing is a bug magnet.
+_RESERVED_ENGINE_ARGS = {
+    "model": "source",
+    "served_model_name": "id",
+    "tensor_parallel_size": "resources.tensor_parallel_size",
+}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingConfig(StrictModel):
+    """Ray Serve autoscaling for one deployment; defaults keep scaling alive."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept even when idle (0 allowed).")
+    max_replicas: int = Field(2, ge=1, description="Upper bound on replicas under load.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas at first deploy; defaults to min_replicas."
+    )
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Ongoing requests per replica that autoscaling aims for."
+    )
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="Seconds the load must stay high before adding replicas."
+    )
+    downscale_delay_s: float = Field(
+        300.0, ge=0, description="Seconds the load must stay low before removing replicas."
+    )
+    metrics_interval_s: float = Field(
+        2.0, gt=0, description="How often replicas report their load to the autoscaler."
+    )
+    look_back_period_s: float = Field(
+        10.0, gt=0, description="Window over which the reported load is averaged."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        """The dict Ray Serve's ``autoscaling_config`` takes."""
+        return self.model_dump(exclude_none=True)
+
+
+class ResourcesConfig(StrictModel):
+    """What one replica of a model reserves from the Ray cluster."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved by the replica actor.")
+    num_gpus: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs per replica. 0 runs the CPU build of vLLM (float32, eager by default).",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="GPUs one engine shards the model over; >1 reserves a placement group "
+        "of that many one-GPU bundles, packed on one node.",
+    )
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type to pin replicas to, e.g. 'H100'."
+    )
+
+    @model_validator(mode="after")
+    def _tp_needs_gpus(self) -> ResourcesConfig:
+        if self.tensor_parallel_size > 1 and self.num_gpus == 0:
+            raise ValueError("tensor_parallel_size > 1 needs num_gpus > 0")
+        return self
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.num_gpus > 0
+
+
+class TokenLimits(StrictModel):
+    """Per-model output token policy, enforced by the router before the engine sees a request."""
+
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens applied when the client sends none."
+    )
+    max_tokens_limit: int = Field(
+        4096,
+        ge=1,
+        description="Hard cap: a request asking for more max_tokens gets 400 naming this limit.",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> TokenLimits:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """One served model: its weights, engine, replicas and limits."""
+
+    id: str = Field(
+        pattern=MODEL_ID_PATTERN,
+        description="The name clients send as 'model'; also the Ray Serve deployment name.",
+    )
+    source: str = Field(
+        description="Where the weights come from: 'embedded://<id>', 's3://bucket/prefix', "
+        "'hf://org/name@revision', or a local folder ('/abs/path' or 'file:///abs/path').",
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments (AsyncEngineArgs names), e.g. max_model_len, "
+        "gpu_memory_utilization, dtype. On CPU, dtype=float32 and enforce_eager=true are "
+        "the defaults unless set here.",
+    )
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="Resources reserved per replica."
+    )
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig, description="Replica autoscaling for this model."
+    )
+    limits: TokenLimits = Field(default_factory=TokenLimits, description="Output token policy.")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests one replica runs at once (the engine batches them)."
+    )
+    max_queued_requests: int = Field(
+        256,
+        ge=1,
+        description="Requests each caller queues for this model before answering 503.",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        120.0, gt=0, description="How long a replica being removed may finish its requests."
+    )
+    health_check_period_s: float = Field(
+        10.0, gt=0, description="Seconds between engine health checks."
+    )
+    health_check_timeout_s: float = Field(
+        30.0, gt=0, description="A health check slower than this marks the replica unhealthy."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment for this model's replicas (not for secrets), "
+        "e.g. VLLM_CPU_KVCACHE_SPACE.",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(SOURCE_SCHEMES):
+            raise ValueError(f"source must start with one of {', '.join(SOURCE_SCHEMES)}")
+        if value.startswith("hf://") and not re.fullmatch(r"hf://[^/@\s]+/[^/@\s]+(@\S+)?", value):
+            raise ValueError("hf:// sources look like hf://org/name@revision")
+        if value.startswith("s3://") and not re.fullmatch(r"s3://[a-z0-9.\-]{3,63}(/\S*)?", value):
+            raise ValueError("s3:// sources look like s3://bucket/prefix")
+        return value
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_reserved_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, owner in _RESERVED_ENGINE_ARGS.items():
+            if key in value:
+                raise ValueError(f"engine_args.{key} is set by '{owner}'; set it there")
+        return value
+
+
+class RouterConfig(StrictModel):
+    """The OpenAI-compatible ingress deployment."""
+
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=lambda: AutoscalingConfig(
+            min_replicas=1, max_replicas=4, target_ongoing_requests=200
+        ),
+        description="Autoscaling of router replicas; each one only relays, so it scales wide.",
+    )
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each router replica.")
+    max_ongoing_requests: int = Field(
+        1000, ge=1, description="Concurrent requests (mostly open streams) per router replica."
+    )
+    cors_allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS. Empty (the default) sends no CORS headers, so "
+        "browsers on other origins cannot call the API; '*' allows every origin. "
+        "CORS_ALLOWED_ORIGINS (comma-separated) overrides it.",
+    )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger gets 413."
+    )
+
+
+class FleetConfig(StrictModel):
+    """The whole app: the models to serve and the router in front of them."""
+
+    models: list[ModelConfig] = Field(
+        min_length=1,
+        description="Every model that may be served. LLM_ALLOWED_MODELS narrows this list.",
+    )
+    router: RouterConfig = Field(
+        default_factory=RouterConfig, description="Router (ingress) settings."
+    )
+    app_name: str = Field(
+        "fleet", description="Ray Serve application name the router looks its models up in."
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, value: list[ModelConfig]) -> list[ModelConfig]:
+        seen: set[str] = set()
+        for model in value:
+            if model.id.lower() in seen:
+                raise ValueError(f"model id {model.id!r} is configured twice")
+            seen.add(model.id.lower())
+            if model.id.lower() == "router":
+                raise ValueError("model id 'router' is reserved for the ingress deployment")
+        return value
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+
+Device = Literal["cpu", "gpu"]

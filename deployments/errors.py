@@ -1,0 +1,101 @@
+"""The one error tree of llm-fleet.
+
+::
+
+    FleetError                       anything this project raises on purpose
+    ├── ConfigError                  a config file or env override is invalid (startup)
+    ├── ModelPreparationError        weights could not be found, converted or verified
+    └── APIError                     a request failed; carries the HTTP status and the
+        │                            OpenAI error fields (type, code, param)
+        ├── BadRequestError          400 invalid_request_error
+        │   └── TokenLimitError      400 max_tokens over a limit, or over the context
+        ├── ModelNotFoundError       404 unknown or not-allowed model
+        ├── ServiceUnavailableError  503 no replica can take the request now
+        └── InternalServerError      500; its message never reaches the client
+
+Code below the routes raises these; ``router/errors.py`` converts an ``APIError`` to
+an HTTP response and to an SSE frame, in exactly two functions.
+"""
+
+from __future__ import annotations
+
+
+class FleetError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(FleetError):
+    """A config file, its ``args`` or an env override is invalid."""
+
+
+class ModelPreparationError(FleetError):
+    """A model's weights could not be located, converted or verified."""
+
+
+class APIError(FleetError):
+    """A request-level failure with an HTTP status and OpenAI error fields."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        status_code: int | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.code = code if code is not None else self.default_code
+        self.param = param
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class BadRequestError(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class TokenLimitError(BadRequestError):
+    """``max_tokens`` above the model's hard limit, or prompt + max_tokens over the context."""
+
+    default_code = "max_tokens_exceeded"
+
+
+class ModelNotFoundError(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+    def __init__(self, model: object):
+        shown = model if isinstance(model, str) and len(model) <= 200 else "<invalid>"
+        super().__init__(
+            f"The model '{shown}' does not exist or you do not have access to it.",
+            param="model",
+        )
+
+
+class ServiceUnavailableError(APIError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "service_unavailable"
+
+
+class InternalServerError(APIError):
+    status_code = 500
+    error_type = "server_error"
+    default_code = "internal_error"
+
+
+def api_error_from_status(status: int, message: str, *, param: str | None = None) -> APIError:
+    """Map an error the engine reported (vLLM puts the HTTP status in ``error.code``)."""
+    if 400 <= status < 500:
+        code = "context_length_exceeded" if "context length" in message.lower() else None
+        return BadRequestError(message, code=code, param=param, status_code=status)
+    if status == 503:
+        return ServiceUnavailableError(message)
+    return InternalServerError(message)

@@ -1,0 +1,168 @@
+"""The real engine: vLLM's v1 ``AsyncLLM`` plus vLLM's own OpenAI serving layer.
+
+This is the only module of llm-fleet that imports vLLM: its internal paths move
+between releases, so a vLLM upgrade touches this file alone. Chat templates,
+sampling parameters, stop, n, logprobs, response_format and tools are all vLLM's
+code (``OpenAIServingChat`` / ``OpenAIServingCompletion``), not ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from deployments.config import ModelConfig
+from deployments.engine import EngineInfo, Reply, Route
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+
+CPU_ENGINE_DEFAULTS: dict[str, Any] = {
+    # bf16 on CPU produces garbage text with vLLM's CPU kernels; eager loads ~4x faster.
+    "dtype": "float32",
+    "enforce_eager": True,
+}
+
+
+def engine_kwargs(model: ModelConfig, model_path: Path) -> dict[str, Any]:
+    """The AsyncEngineArgs for ``model``: CPU defaults, then the config's own args."""
+    defaults = {} if model.resources.uses_gpu else dict(CPU_ENGINE_DEFAULTS)
+    kwargs: dict[str, Any] = {
+        **defaults,
+        **model.engine_args,
+        "model": str(model_path),
+        "served_model_name": [model.id],
+        "tensor_parallel_size": model.resources.tensor_parallel_size,
+    }
+    if model.resources.tensor_parallel_size > 1:
+        kwargs.setdefault("distributed_executor_backend", "ray")
+    return kwargs
+
+
+def _error_reply(error: Any) -> Reply:
+    """A vLLM ErrorResponse as a Reply; vLLM puts the HTTP status in ``error.code``."""
+    info = error.error
+    status = int(info.code) if isinstance(info.code, int) and 400 <= info.code < 600 else 500
+    return Reply(
+        status=status,
+        body={"error": {"message": info.message, "type": info.type, "param": info.param}},
+    )
+
+
+def _validation_reply(exc: ValidationError) -> Reply:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+    param = ".".join(str(part) for part in first.get("loc", ())) or None
+    return Reply(
+        status=400,
+        body={
+            "error": {
+                "message": f"{param or 'body'}: {first.get('msg', 'invalid value')}",
+                "type": "invalid_request_error",
+                "param": param,
+            }
+        },
+    )
+
+
+class VLLMEngine:
+    """An ``LLMEngine`` backed by vLLM; see ``deployments/engine.py`` for the contract."""
+
+    def __init__(self, model: ModelConfig, model_path: Path):
+        self._model = model
+        self._model_path = model_path
+        self._client: AsyncLLM | None = None
+        self._chat: Any = None
+        self._completion: Any = None
+
+    async def start(self) -> EngineInfo:
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import FrontendArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = engine_kwargs(self._model, self._model_path)
+        engine_args = AsyncEngineArgs(**kwargs)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        if self._model.resources.tensor_parallel_size > 1:
+            from ray.util import get_current_placement_group
+
+            # The replica's placement group holds one GPU bundle per shard.
+            vllm_config.parallel_config.placement_group = get_current_placement_group()
+        self._client = AsyncLLM.from_vllm_config(
+            vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            disable_log_stats=bool(kwargs.get("disable_log_stats", False)),
+        )
+        args = argparse.Namespace(**(vars(FrontendArgs()) | vars(engine_args)))
+        state = State()
+        tasks = await self._client.get_supported_tasks()
+        await init_app_state(self._client, state, args, supported_tasks=tasks)
+        self._chat = getattr(state, "openai_serving_chat", None)
+        self._completion = getattr(state, "openai_serving_completion", None)
+        max_len = int(vllm_config.model_config.max_model_len)
+        logger.info("vLLM engine for %s ready (max_model_len=%d)", self._model.id, max_len)
+        return EngineInfo(model_id=self._model.id, max_model_len=max_len)
+
+    async def generate(
+        self, route: Route, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[str | Reply]:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMClientError
+
+        serving = self._chat if route == "chat" else self._completion
+        if serving is None:
+            yield Reply(
+                status=400,
+                body={
+                    "error": {
+                        "message": f"model {self._model.id!r} does not support /v1/{route}",
+                        "type": "invalid_request_error",
+                        "param": "model",
+                    }
+                },
+            )
+            return
+        request_cls = ChatCompletionRequest if route == "chat" else CompletionRequest
+        try:
+            request = request_cls.model_validate({**body, "request_id": request_id})
+        except ValidationError as exc:
+            yield _validation_reply(exc)
+            return
+        create = serving.create_chat_completion if route == "chat" else serving.create_completion
+        try:
+            result = await create(request, raw_request=None)
+        except (ValueError, VLLMClientError) as exc:
+            # vLLM maps its client errors (e.g. max_tokens over max_model_len) to a status.
+            yield _error_reply(serving.create_error_response(exc))
+            return
+        if isinstance(result, ErrorResponse):
+            yield _error_reply(result)
+        elif isinstance(result, AsyncGenerator):
+            async for frame in result:
+                yield frame
+        else:
+            yield Reply(status=200, body=result.model_dump(mode="json"))
+
+    async def check_health(self) -> None:
+        if self._client is None:
+            raise RuntimeError("engine not started")
+        await self._client.check_health()
+
+    async def num_unfinished_requests(self) -> int:
+        return 0 if self._client is None else int(self._client.get_num_unfinished_requests())
+
+    async def shutdown(self) -> None:
+        if self._client is not None:
+            self._client.shutdown()
+            self._client = None
