@@ -7,7 +7,7 @@ is an error that names its path, not a silently ignored setting.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -213,9 +213,6 @@ class FleetConfig(StrictModel):
     router: RouterConfig = Field(
         default_factory=RouterConfig, description="Router (ingress) settings."
     )
-    app_name: str = Field(
-        "fleet", description="Ray Serve application name the router looks its models up in."
-    )
 
     @field_validator("models")
     @classmethod
@@ -232,5 +229,3 @@ class FleetConfig(StrictModel):
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
 
-
-Device = Literal["cpu", "gpu"]

@@ -71,6 +71,38 @@ def _validation_reply(exc: ValidationError) -> Reply:
     )
 
 
+def _enforce_context_length(serving: Any, render_name: str, max_model_len: int) -> None:
+    """Reject prompt + max_tokens over the context, as the OpenAI API does.
+
+    vLLM silently shrinks ``max_tokens`` to the room left. We wrap the serving
+    object's render step, which already holds the prompt's token ids, so the check
+    costs no second tokenization; an ErrorResponse is a value that step may return.
+    """
+    render = getattr(serving, render_name)
+
+    async def render_checked(request: Any) -> Any:
+        result = await render(request)
+        if not isinstance(result, tuple | list):
+            return result  # an ErrorResponse already
+        inputs = result[1] if isinstance(result, tuple) else result
+        wanted = getattr(request, "max_completion_tokens", None) or request.max_tokens
+        if wanted is None:
+            return result
+        for engine_input in inputs:
+            prompt_len = serving._extract_prompt_len(engine_input)
+            if prompt_len + wanted > max_model_len:
+                return serving.create_error_response(
+                    f"This model's maximum context length is {max_model_len} tokens. However, "
+                    f"you requested {prompt_len + wanted} tokens ({prompt_len} in the prompt, "
+                    f"{wanted} in the completion). Please reduce the length of the prompt or "
+                    "max_tokens.",
+                    param="max_tokens",
+                )
+        return result
+
+    setattr(serving, render_name, render_checked)
+
+
 class VLLMEngine:
     """An ``LLMEngine`` backed by vLLM; see ``deployments/engine.py`` for the contract."""
 
@@ -109,6 +141,10 @@ class VLLMEngine:
         self._chat = getattr(state, "openai_serving_chat", None)
         self._completion = getattr(state, "openai_serving_completion", None)
         max_len = int(vllm_config.model_config.max_model_len)
+        if self._chat is not None:
+            _enforce_context_length(self._chat, "render_chat_request", max_len)
+        if self._completion is not None:
+            _enforce_context_length(self._completion, "render_completion_request", max_len)
         logger.info("vLLM engine for %s ready (max_model_len=%d)", self._model.id, max_len)
         return EngineInfo(model_id=self._model.id, max_model_len=max_len)
 

@@ -1,0 +1,155 @@
+"""Model-side wiring: validate the app's ``args`` once, apply env overrides, and make
+one Ray Serve deployment per allowed model.
+
+The whole app (router included) is assembled by ``router.builder.build_app``; this
+module holds the half that knows nothing of the router.
+
+Environment overrides, read here and only here (replicas get objects, not env):
+
+- ``LLM_ALLOWED_MODELS``: comma-separated ids; narrows the configured models. An id
+  that is not configured is a startup error.
+- ``LLM_DEFAULT_MAX_TOKENS`` / ``LLM_MAX_TOKENS_LIMIT``: override every model's
+  ``limits.default_max_tokens`` / ``limits.max_tokens_limit``.
+- ``CORS_ALLOWED_ORIGINS``: comma-separated origins; replaces ``router.cors_allowed_origins``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from deployments.config import FleetConfig, ModelConfig
+from deployments.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+ENV_ALLOWED_MODELS = "LLM_ALLOWED_MODELS"
+ENV_DEFAULT_MAX_TOKENS = "LLM_DEFAULT_MAX_TOKENS"
+ENV_MAX_TOKENS_LIMIT = "LLM_MAX_TOKENS_LIMIT"
+ENV_CORS_ALLOWED_ORIGINS = "CORS_ALLOWED_ORIGINS"
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the failing field path (``models.1.id``)."""
+    lines = []
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"])
+        where = ".".join(p for p in (prefix, path) if p) or "(top level)"
+        lines.append(f"{where}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def apply_allowlist(config: FleetConfig, allowed: str | None) -> FleetConfig:
+    """Keep only the models named in ``allowed`` (None or blank keeps them all)."""
+    if allowed is None or not allowed.strip():
+        return config
+    wanted = _split(allowed)
+    configured = {m.id for m in config.models}
+    unknown = [name for name in wanted if name not in configured]
+    if unknown:
+        raise ConfigError(
+            f"{ENV_ALLOWED_MODELS} names models that are not configured: {', '.join(unknown)} "
+            f"(configured: {', '.join(sorted(configured))})"
+        )
+    models = [m for m in config.models if m.id in wanted]
+    return config.model_copy(update={"models": models})
+
+
+def _apply_token_env(config: FleetConfig, environ: Mapping[str, str]) -> FleetConfig:
+    default = _env_int(environ, ENV_DEFAULT_MAX_TOKENS)
+    limit = _env_int(environ, ENV_MAX_TOKENS_LIMIT)
+    if default is None and limit is None:
+        return config
+    updated = []
+    for model in config.models:
+        values = model.limits.model_dump()
+        if default is not None:
+            values["default_max_tokens"] = default
+        if limit is not None:
+            values["max_tokens_limit"] = limit
+        try:
+            limits = type(model.limits).model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{ENV_DEFAULT_MAX_TOKENS}/{ENV_MAX_TOKENS_LIMIT} for model {model.id!r}: "
+                + describe_validation_error(exc)
+            ) from None
+        updated.append(model.model_copy(update={"limits": limits}))
+    return config.model_copy(update={"models": updated})
+
+
+def load_config(args: Mapping[str, Any], environ: Mapping[str, str]) -> FleetConfig:
+    """Validate ``args`` and apply the env overrides; the one place config is read."""
+    try:
+        config = FleetConfig.model_validate(dict(args))
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, "args")) from None
+    config = apply_allowlist(config, environ.get(ENV_ALLOWED_MODELS))
+    config = _apply_token_env(config, environ)
+    origins = environ.get(ENV_CORS_ALLOWED_ORIGINS)
+    if origins is not None and origins.strip():
+        router = config.router.model_copy(update={"cors_allowed_origins": _split(origins)})
+        config = config.model_copy(update={"router": router})
+    return config
+
+
+def deployment_options(model: ModelConfig) -> dict[str, Any]:
+    """Ray Serve options of a model's deployment (named after the model id)."""
+    res = model.resources
+    actor: dict[str, Any] = {"num_cpus": res.num_cpus}
+    if model.env:
+        actor["runtime_env"] = {"env_vars": dict(model.env)}
+    if res.accelerator_type:
+        actor["accelerator_type"] = res.accelerator_type
+    options: dict[str, Any] = {
+        "name": model.id,
+        "autoscaling_config": model.autoscaling.to_serve(),
+        "max_ongoing_requests": model.max_ongoing_requests,
+        "max_queued_requests": model.max_queued_requests,
+        "graceful_shutdown_timeout_s": model.graceful_shutdown_timeout_s,
+        "health_check_period_s": model.health_check_period_s,
+        "health_check_timeout_s": model.health_check_timeout_s,
+        "ray_actor_options": actor,
+    }
+    if res.tensor_parallel_size > 1:
+        # The replica actor sits in bundle 0 beside the first shard; vLLM's Ray
+        # executor places one worker per GPU bundle, all packed on one node.
+        bundles: list[dict[str, float]] = [{"CPU": res.num_cpus, "GPU": 1.0}]
+        bundles += [{"GPU": 1.0} for _ in range(res.tensor_parallel_size - 1)]
+        options["placement_group_bundles"] = bundles
+        options["placement_group_strategy"] = "STRICT_PACK"
+    elif res.uses_gpu:
+        actor["num_gpus"] = res.num_gpus
+    return options
+
+
+def build_model_apps(config: FleetConfig) -> dict[str, Application]:
+    """One bound deployment per allowed model, keyed by model id."""
+    from ray import serve
+
+    from deployments.model_deployment import ModelDeployment
+
+    return {
+        model.id: serve.deployment(ModelDeployment).options(**deployment_options(model)).bind(model)
+        for model in config.models
+    }

@@ -1,0 +1,134 @@
+"""The ``llm-fleet`` command: validate Serve config files, prepare the embedded models.
+
+::
+
+    llm-fleet validate FILE [FILE...]   check every router.builder:build_app app's args
+    llm-fleet models prepare [ID...]    convert embedded models (all by default)
+    llm-fleet models list               embedded ids, whether each is prepared, the store
+
+``validate`` applies the same env overrides as a deployment (``LLM_ALLOWED_MODELS``...).
+
+Exit codes: 0 ok; 1 invalid config, no llm-fleet application in a file, or a model
+that failed to prepare; 2 usage error, or a file that cannot be read or parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+
+from deployments import embedded
+from deployments.builder import load_config
+from deployments.errors import ConfigError, ModelPreparationError
+
+APP_IMPORT_PATH = "router.builder:build_app"
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def _error(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _with_prefix(where: str, line: str) -> str:
+    # load_config's schema errors start with the field path ("args.models.1..."),
+    # env override errors with the variable name.
+    return f"{where}.{line}" if line.startswith("args") else f"{where}: {line}"
+
+
+def _validate_app(where: str, app: Mapping[str, object]) -> int:
+    args = app.get("args") or {}
+    if not isinstance(args, Mapping):
+        _error(f"{where}.args: must be a mapping, got {type(args).__name__}")
+        return EXIT_INVALID
+    try:
+        config = load_config(args, os.environ)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            _error(_with_prefix(where, line))
+        return EXIT_INVALID
+    models = ", ".join(f"{m.id} ({m.source})" for m in config.models)
+    print(f"{where} ({app.get('name', 'unnamed')}): ok, {len(config.models)} model(s): {models}")
+    return EXIT_OK
+
+
+def _validate_file(name: str) -> int:
+    try:
+        document = yaml.safe_load(Path(name).read_text())
+    except OSError as exc:
+        _error(f"{name}: cannot read: {exc.strerror or exc}")
+        return EXIT_USAGE
+    except yaml.YAMLError as exc:
+        _error(f"{name}: not valid YAML: {exc}")
+        return EXIT_USAGE
+    apps = document.get("applications") if isinstance(document, Mapping) else None
+    found = [
+        (index, app)
+        for index, app in enumerate(apps if isinstance(apps, list) else [])
+        if isinstance(app, Mapping) and app.get("import_path") == APP_IMPORT_PATH
+    ]
+    if not found:
+        _error(f"{name}: no application with import_path {APP_IMPORT_PATH}")
+        return EXIT_INVALID
+    return max(_validate_app(f"{name}: applications[{i}]", app) for i, app in found)
+
+
+def _validate(options: argparse.Namespace) -> int:
+    return max(_validate_file(name) for name in options.files)
+
+
+def _prepare(options: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    status = EXIT_OK
+    for model_id in options.ids or list(embedded.EMBEDDED_MODELS):
+        try:
+            print(f"{model_id}: {embedded.prepare(model_id)}")
+        except ModelPreparationError as exc:
+            _error(f"{model_id}: {exc}")
+            status = EXIT_INVALID
+    return status
+
+
+def _list(options: argparse.Namespace) -> int:
+    store = embedded.model_store_dir()
+    print(f"store: {store}")
+    for model_id, model in embedded.EMBEDDED_MODELS.items():
+        state = "prepared" if embedded.is_prepared(store / model_id) else "not prepared"
+        print(f"{model_id}\t{state}\t{model.description}")
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-fleet", description="llm-fleet tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    validate = commands.add_parser("validate", help="validate Ray Serve config files")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.set_defaults(handler=_validate)
+    models = commands.add_parser("models", help="embedded models").add_subparsers(
+        dest="models_command", required=True
+    )
+    prepare = models.add_parser("prepare", help="convert embedded models into the store")
+    prepare.add_argument("ids", nargs="*", metavar="ID", help="default: every embedded model")
+    prepare.set_defaults(handler=_prepare)
+    models.add_parser("list", help="list embedded models").set_defaults(handler=_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (see the module docstring)."""
+    try:
+        options = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits on usage errors and --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler = options.handler
+    code: int = handler(options)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""A deterministic ``LLMEngine`` for tests: no model, no vLLM, the same contract.
+
+Whitespace-separated words are tokens. The answer echoes the last user message (or
+the completion prompt) word by word and then stops; with ``ignore_eos`` (a vLLM
+sampling parameter) it repeats those words until the token budget is spent, as a
+real model does. Its budget rules follow vLLM 0.32, so the fake cannot drift from
+the real engine on what ``tests/contract`` checks:
+
+- chat without ``max_tokens`` / ``max_completion_tokens`` may use the whole room left
+  in the context; a completion without ``max_tokens`` gets vLLM's default of 16;
+- ``max_tokens`` larger than the room left is clamped, not refused;
+- a prompt that alone fills the context is refused with vLLM's 400 message (the fake
+  also refuses one exactly as long as the context, which vLLM refuses with another).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deployments.config import ModelConfig
+from deployments.engine import EngineInfo, Reply, Route
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # vLLM's CompletionRequest.max_tokens default
+_FALLBACK_ANSWER = ["ok"]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    prompt_tokens: int
+    tokens: list[str]
+    finish_reason: str
+    stream: bool
+    include_usage: bool
+
+
+def _error(message: str, param: str | None) -> Reply:
+    return Reply(
+        status=400, body={"error": {"message": message, "type": "BadRequestError", "param": param}}
+    )
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def _prompt_words(route: Route, body: dict[str, Any]) -> tuple[int, list[str]] | Reply:
+    """(prompt token count, words to echo), or a 400 for a body the fake cannot read."""
+    if route == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _error("messages must be a non-empty list", "messages")
+        texts = [_text_of(m.get("content")) if isinstance(m, dict) else "" for m in messages]
+        roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+        user = [t for role, t in zip(roles, texts, strict=True) if role == "user"]
+        return sum(len(t.split()) for t in texts), (user[-1].split() if user else [])
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return len(prompt.split()), prompt.split()
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return len(prompt), [str(t) for t in prompt]
+    return _error("FakeEngine serves one prompt (text or token ids) per request", "prompt")
+
+
+class FakeEngine:
+    """An ``LLMEngine`` that echoes words; see the module docstring for its rules."""
+
+    def __init__(
+        self,
+        model_id: str = "fake-model",
+        *,
+        max_model_len: int = 2048,
+        token_delay_s: float = 0.01,
+    ) -> None:
+        self.model_id = model_id
+        self.max_model_len = max_model_len
+        self.token_delay_s = token_delay_s
+        self._unfinished = 0
+        self._started = False
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, path: Path) -> FakeEngine:
+        """An ``EngineFactory`` for ``ModelDeployment``: the fake in place of vLLM."""
+        return cls(model.id, max_model_len=int(model.engine_args.get("max_model_len", 2048)))
+
+    async def start(self) -> EngineInfo:
+        self._started = True
+        return EngineInfo(model_id=self.model_id, max_model_len=self.max_model_len)
+
+    def _plan(self, route: Route, body: dict[str, Any]) -> _Plan | Reply:
+        read = _prompt_words(route, body)
+        if isinstance(read, Reply):
+            return read
+        prompt_tokens, words = read
+        room = self.max_model_len - prompt_tokens
+        if room < 1:
+            return _error(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your prompt contains {prompt_tokens} input tokens, which exceeds this limit "
+                "even without any output tokens. Please reduce the length of the input prompt.",
+                "input_tokens",
+            )
+        if body.get("n") not in (None, 1):
+            return _error("FakeEngine supports n=1 only", "n")
+        param = "max_tokens"
+        if route == "chat" and body.get("max_completion_tokens") is not None:
+            param = "max_completion_tokens"
+        requested = body.get(param)
+        if requested is None:
+            requested = room if route == "chat" else COMPLETION_DEFAULT_MAX_TOKENS
+        if not isinstance(requested, int) or isinstance(requested, bool) or requested < 1:
+            return _error(f"{param} must be at least 1, got {requested!r}.", param)
+        budget = min(requested, room)
+        words = words or _FALLBACK_ANSWER
+        if body.get("ignore_eos") is True:
+            tokens, finish = [words[i % len(words)] for i in range(budget)], "length"
+        else:
+            tokens, finish = words[:budget], "length" if len(words) > budget else "stop"
+        options = body.get("stream_options")
+        return _Plan(
+            prompt_tokens=prompt_tokens,
+            tokens=tokens,
+            finish_reason=finish,
+            stream=body.get("stream") is True,
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        )
+
+    async def generate(
+        self, route: Route, body: dict[str, Any], request_id: str
+    ) -> AsyncGenerator[str | Reply, None]:
+        plan = self._plan(route, body)
+        if isinstance(plan, Reply):
+            yield plan
+            return
+        chat = route == "chat"
+        head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
+            "object": ("chat.completion.chunk" if plan.stream else "chat.completion")
+            if chat
+            else "text_completion",
+            "created": int(time.time()),
+            "model": self.model_id,
+        }
+        usage = {
+            "prompt_tokens": plan.prompt_tokens,
+            "completion_tokens": len(plan.tokens),
+            "total_tokens": plan.prompt_tokens + len(plan.tokens),
+        }
+
+        def frame(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+        def choice(text: str, finish: str | None, *, role: bool = False) -> dict[str, Any]:
+            if not chat:
+                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            said = {"role": "assistant", "content": text} if role else {"content": text}
+            key = "delta" if plan.stream else "message"
+            return {"index": 0, key: said, "logprobs": None, "finish_reason": finish}
+
+        # Counted like vLLM counts a request: from admission until its last token.
+        self._unfinished += 1
+        try:
+            if plan.stream and chat:
+                yield frame([choice("", None, role=True)])
+            for i, token in enumerate(plan.tokens):
+                await asyncio.sleep(self.token_delay_s)
+                if plan.stream:
+                    last = i == len(plan.tokens) - 1
+                    text = token if i == 0 else f" {token}"
+                    yield frame([choice(text, plan.finish_reason if last else None)])
+        finally:
+            self._unfinished -= 1
+        if plan.stream:
+            if plan.include_usage:
+                yield frame([], usage=usage)
+            yield "data: [DONE]\n\n"
+            return
+        whole = choice(" ".join(plan.tokens), plan.finish_reason, role=True)
+        yield Reply(status=200, body={**head, "choices": [whole], "usage": usage})
+
+    async def check_health(self) -> None:
+        if not self._started:
+            raise RuntimeError("FakeEngine not started (or shut down)")
+
+    async def num_unfinished_requests(self) -> int:
+        return self._unfinished
+
+    async def shutdown(self) -> None:
+        self._started = False

@@ -1,0 +1,42 @@
+"""Turning an ``APIError`` into what the client sees: exactly two functions.
+
+:func:`error_response` makes the HTTP response; :func:`error_frame` makes the SSE
+frame sent when a stream fails after its first chunk. Both produce the OpenAI error
+body ``{"error": {"message", "type", "param", "code", "request_id"}}``; a 5xx never
+carries internals, only a generic message and the request id to quote.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from deployments.errors import APIError
+
+_HIDDEN_MESSAGE = "The server had an error while processing your request."
+
+
+def _body(err: APIError, request_id: str) -> dict[str, Any]:
+    message = _HIDDEN_MESSAGE if err.status_code >= 500 and err.status_code != 503 else err.message
+    return {
+        "error": {
+            "message": message,
+            "type": err.error_type,
+            "param": err.param,
+            "code": err.code,
+            "request_id": request_id,
+        }
+    }
+
+
+def error_response(err: APIError, request_id: str) -> JSONResponse:
+    """The HTTP response for ``err``; 429 and 503 say when to retry."""
+    headers = {"Retry-After": "1"} if err.status_code in (429, 503) else {}
+    return JSONResponse(_body(err, request_id), status_code=err.status_code, headers=headers)
+
+
+def error_frame(err: APIError, request_id: str) -> str:
+    """The SSE frame for an error that happens mid-stream."""
+    return f"data: {json.dumps(_body(err, request_id))}\n\n"

@@ -1,0 +1,51 @@
+"""How the router reaches a model: the engine contract over a Ray Serve handle.
+
+``ModelClient`` is what the FastAPI app depends on; ``HandleModelClient`` is the
+real one. Unit tests plug in a client over the fake engine, so the app above runs
+unchanged. Closing the stream early (a client disconnect) cancels the request in
+the replica, which aborts the generation in vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from deployments.engine import Reply, Route
+from deployments.errors import InternalServerError, ServiceUnavailableError
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+
+class ModelClient(Protocol):
+    def stream(self, route: Route, body: dict[str, Any], request_id: str) -> AsyncIterator[str | Reply]:
+        """Send one request; yields what the engine contract yields."""
+        ...
+
+
+class HandleModelClient:
+    """A ``ModelClient`` over a streaming Ray Serve deployment handle."""
+
+    def __init__(self, model_id: str, handle: DeploymentHandle):
+        self._model_id = model_id
+        self._handle = handle.options(stream=True)
+
+    async def stream(
+        self, route: Route, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[str | Reply]:
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        response = self._handle.generate.remote(route, body, request_id)
+        try:
+            async for item in response:
+                yield item
+        except (BackPressureError, DeploymentUnavailableError):
+            raise ServiceUnavailableError(
+                f"Model '{self._model_id}' is at capacity; retry shortly."
+            ) from None
+        except Exception as exc:
+            # Replica or actor failures: the detail goes to logs, never to the client.
+            raise InternalServerError(f"model {self._model_id}: {type(exc).__name__}") from exc
+        finally:
+            response.cancel()

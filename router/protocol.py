@@ -1,0 +1,55 @@
+"""What the router itself checks of a request before routing it.
+
+Only what routing and limits need: the model name, the stream flags, the token
+fields and the presence of ``messages`` / ``prompt``. Everything else (sampling
+parameters, tools, response_format, ...) is validated by vLLM inside the replica,
+which answers 400 in the same error shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+from deployments.errors import BadRequestError
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: StrictBool | None = None
+
+
+class _OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+
+
+class ChatRequest(_OpenAIRequest):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+
+
+def parse_request(route: Literal["chat", "completions"], body: Any) -> _OpenAIRequest:
+    """Validate the routing fields of ``body``; a problem is a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise BadRequestError("The request body must be a JSON object.")
+    model_cls = ChatRequest if route == "chat" else CompletionRequest
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        if first["type"] == "missing":
+            message = f"Missing required parameter: '{param}'."
+        else:
+            message = f"Invalid value for '{param}': {first['msg']}."
+        raise BadRequestError(message, param=param, code="invalid_value") from None

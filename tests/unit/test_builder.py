@@ -1,0 +1,172 @@
+"""deployments/builder.py: env overrides applied once, and the Ray Serve options each
+model's deployment gets (router/builder.py's router_options too). No Ray cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from deployments.builder import deployment_options, load_config
+from deployments.config import ModelConfig
+from deployments.errors import ConfigError
+from router.builder import router_options
+
+
+def model(model_id: str, **fields: Any) -> dict[str, Any]:
+    return {"id": model_id, "source": f"embedded://{model_id}", **fields}
+
+
+ARGS: dict[str, Any] = {
+    "models": [
+        model("alpha", limits={"default_max_tokens": 64, "max_tokens_limit": 128}),
+        model("beta"),
+        model("gamma", limits={"default_max_tokens": 16, "max_tokens_limit": 2048}),
+    ]
+}
+
+
+def ids(environ: dict[str, str]) -> list[str]:
+    return [m.id for m in load_config(ARGS, environ).models]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "expected"),
+    [
+        ("gamma,alpha", ["alpha", "gamma"]),
+        (" beta ", ["beta"]),
+        ("alpha,,gamma,", ["alpha", "gamma"]),
+        ("", ["alpha", "beta", "gamma"]),
+        ("  ", ["alpha", "beta", "gamma"]),
+    ],
+)
+def test_allowlist_narrows_models_in_config_order(allowed: str, expected: list[str]) -> None:
+    assert ids({"LLM_ALLOWED_MODELS": allowed}) == expected
+
+
+def test_no_allowlist_keeps_every_model() -> None:
+    assert ids({}) == ["alpha", "beta", "gamma"]
+
+
+def test_allowlist_with_unknown_id_names_it_and_the_configured_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(ARGS, {"LLM_ALLOWED_MODELS": "alpha,llama-70b"})
+    message = str(info.value)
+    assert "LLM_ALLOWED_MODELS" in message
+    assert "not configured: llama-70b" in message
+    assert "(configured: alpha, beta, gamma)" in message
+
+
+def test_token_env_overrides_every_model() -> None:
+    environ = {"LLM_DEFAULT_MAX_TOKENS": "100", "LLM_MAX_TOKENS_LIMIT": "300"}
+    limits = [m.limits for m in load_config(ARGS, environ).models]
+    assert [(lim.default_max_tokens, lim.max_tokens_limit) for lim in limits] == [(100, 300)] * 3
+
+
+def test_one_token_env_keeps_the_other_configured_value() -> None:
+    limits = [m.limits for m in load_config(ARGS, {"LLM_MAX_TOKENS_LIMIT": "1000"}).models]
+    assert [(lim.default_max_tokens, lim.max_tokens_limit) for lim in limits] == [
+        (64, 1000),
+        (256, 1000),
+        (16, 1000),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"LLM_DEFAULT_MAX_TOKENS": "many"}, "LLM_DEFAULT_MAX_TOKENS must be a positive integer"),
+        ({"LLM_DEFAULT_MAX_TOKENS": "1.5"}, "LLM_DEFAULT_MAX_TOKENS must be a positive integer"),
+        ({"LLM_MAX_TOKENS_LIMIT": "0"}, "LLM_MAX_TOKENS_LIMIT must be a positive integer"),
+        ({"LLM_MAX_TOKENS_LIMIT": "-5"}, "LLM_MAX_TOKENS_LIMIT must be a positive integer"),
+        (
+            {"LLM_DEFAULT_MAX_TOKENS": "500", "LLM_MAX_TOKENS_LIMIT": "100"},
+            "default_max_tokens must not exceed max_tokens_limit",
+        ),
+        # Over alpha's configured limit of 128: the error names the model.
+        ({"LLM_DEFAULT_MAX_TOKENS": "200"}, "for model 'alpha'"),
+    ],
+)
+def test_invalid_token_env_is_a_config_error(environ: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(ARGS, environ)
+
+
+def test_cors_env_replaces_configured_origins() -> None:
+    args = {**ARGS, "router": {"cors_allowed_origins": ["https://old.example"]}}
+    environ = {"CORS_ALLOWED_ORIGINS": "https://a.example, https://b.example,"}
+    config = load_config(args, environ)
+    assert config.router.cors_allowed_origins == ["https://a.example", "https://b.example"]
+    assert load_config(args, {}).router.cors_allowed_origins == ["https://old.example"]
+
+
+def options_for(**fields: Any) -> dict[str, Any]:
+    return deployment_options(ModelConfig.model_validate(model("m1", **fields)))
+
+
+def test_deployment_options_carry_the_model_settings() -> None:
+    scaling = {"min_replicas": 0, "max_replicas": 5, "target_ongoing_requests": 3}
+    options = options_for(autoscaling=scaling, max_ongoing_requests=7, max_queued_requests=9)
+    assert options["name"] == "m1"
+    assert options["autoscaling_config"]["min_replicas"] == 0
+    assert options["autoscaling_config"]["max_replicas"] == 5
+    assert options["autoscaling_config"]["target_ongoing_requests"] == 3
+    assert "initial_replicas" not in options["autoscaling_config"]
+    assert options["max_ongoing_requests"] == 7
+    assert options["max_queued_requests"] == 9
+
+
+def test_cpu_model_reserves_no_gpu() -> None:
+    options = options_for(resources={"num_cpus": 2})
+    assert options["ray_actor_options"] == {"num_cpus": 2}
+    assert "placement_group_bundles" not in options
+
+
+def test_gpu_model_reserves_gpus_on_the_actor() -> None:
+    options = options_for(resources={"num_gpus": 1, "accelerator_type": "H100"})
+    actor = options["ray_actor_options"]
+    assert actor["num_gpus"] == 1
+    assert actor["accelerator_type"] == "H100"
+    assert "placement_group_bundles" not in options
+
+
+def test_tensor_parallel_model_reserves_packed_gpu_bundles() -> None:
+    options = options_for(resources={"num_gpus": 1, "num_cpus": 4, "tensor_parallel_size": 4})
+    bundles = options["placement_group_bundles"]
+    assert len(bundles) == 4
+    assert all(bundle["GPU"] == 1 for bundle in bundles)
+    assert bundles[0]["CPU"] == 4
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    # The GPUs belong to the bundles; the actor asking too would double-reserve them.
+    assert "num_gpus" not in options["ray_actor_options"]
+
+
+def test_model_env_goes_into_the_replica_runtime_env() -> None:
+    options = options_for(env={"VLLM_CPU_KVCACHE_SPACE": "2"})
+    assert options["ray_actor_options"]["runtime_env"] == {
+        "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    }
+    assert "runtime_env" not in options_for()["ray_actor_options"]
+
+
+def test_router_options() -> None:
+    args = {
+        **ARGS,
+        "router": {
+            "num_cpus": 0.25,
+            "max_ongoing_requests": 50,
+            "autoscaling": {"min_replicas": 2, "max_replicas": 3},
+        },
+    }
+    options = router_options(load_config(args, {}))
+    assert options["name"] == "router"
+    assert options["max_ongoing_requests"] == 50
+    assert options["ray_actor_options"] == {"num_cpus": 0.25}
+    assert options["autoscaling_config"]["min_replicas"] == 2
+    assert options["autoscaling_config"]["max_replicas"] == 3
+
+
+def test_router_defaults_scale_wide() -> None:
+    options = router_options(load_config(ARGS, {}))
+    assert options["autoscaling_config"]["max_replicas"] == 4
+    assert options["autoscaling_config"]["target_ongoing_requests"] == 200
