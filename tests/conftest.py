@@ -21,7 +21,9 @@ _KEY = pytest.StashKey[set[int]]()
 
 def ray_and_engine_processes() -> dict[int, str]:
     found: dict[int, str] = {}
-    for proc in psutil.process_iter(["pid", "cmdline", "name"]):
+    for proc in psutil.process_iter(["pid", "cmdline", "name", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue  # exited already; only its parent's bookkeeping remains
         try:
             text = " ".join(proc.info["cmdline"] or []) or (proc.info["name"] or "")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
