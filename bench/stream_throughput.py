@@ -129,7 +129,9 @@ def main() -> None:
     for name, (ttft, rate) in medians.items():
         print(f"  {name:10s} TTFT {ttft * 1000:7.1f} ms   decode {rate:7.1f} tokens/s")
     (b_ttft, b_rate), (f_ttft, f_rate) = medians["bare vLLM"], medians["llm-fleet"]
-    print(f"ratio llm-fleet / bare: decode tokens/s {f_rate / b_rate:.3f}, TTFT {f_ttft / b_ttft:.3f}")
+    print(
+        f"ratio llm-fleet / bare: decode tokens/s {f_rate / b_rate:.3f}, TTFT {f_ttft / b_ttft:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     for error in exc.errors():
         path = ".".join(str(part) for part in error["loc"])
         where = ".".join(p for p in (prefix, path) if p) or "(top level)"
-        lines.append(f"{where}: {error['msg']}")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{where}: {message}")
     return "\n".join(lines)
 
 
@@ -150,6 +151,6 @@ def build_model_apps(config: FleetConfig) -> dict[str, Application]:
     from deployments.model_deployment import ModelDeployment
 
     return {
-        model.id: serve.deployment(ModelDeployment).options(**deployment_options(model)).bind(model)
+        model.id: serve.deployment(**deployment_options(model))(ModelDeployment).bind(model)
         for model in config.models
     }

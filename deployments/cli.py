@@ -5,6 +5,7 @@
     llm-fleet validate FILE [FILE...]   check every router.builder:build_app app's args
     llm-fleet models prepare [ID...]    convert embedded models (all by default)
     llm-fleet models list               embedded ids, whether each is prepared, the store
+    llm-fleet serve FILE                validate FILE, then ``serve run FILE`` until Ctrl-C
 
 ``validate`` applies the same env overrides as a deployment (``LLM_ALLOWED_MODELS``...).
 
@@ -82,6 +83,13 @@ def _validate(options: argparse.Namespace) -> int:
     return max(_validate_file(name) for name in options.files)
 
 
+def _serve(options: argparse.Namespace) -> int:
+    from deployments.launcher import serve_foreground
+
+    code = _validate_file(options.file)
+    return code if code != EXIT_OK else serve_foreground(options.file)
+
+
 def _prepare(options: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     status = EXIT_OK
@@ -116,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("ids", nargs="*", metavar="ID", help="default: every embedded model")
     prepare.set_defaults(handler=_prepare)
     models.add_parser("list", help="list embedded models").set_defaults(handler=_list)
+    serve = commands.add_parser("serve", help="validate, then serve a config in the foreground")
+    serve.add_argument("file", metavar="FILE")
+    serve.set_defaults(handler=_serve)
     return parser
 
 

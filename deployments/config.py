@@ -228,4 +228,3 @@ class FleetConfig(StrictModel):
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
-

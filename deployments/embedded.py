@@ -67,7 +67,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 
 
 def model_store_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The folder that holds converted embedded models (created on demand)."""
+    """The folder that holds converted embedded models (``prepare`` creates it)."""
     env = os.environ if environ is None else environ
     configured = env.get(MODEL_STORE_ENV)
     if configured:
@@ -176,7 +176,7 @@ def convert_gguf(gguf: Path, out: Path, *, add_bos: bool) -> None:
     )
     # transformers refuses to save a model that still carries its GGUF quantizer;
     # the weights are already dequantized, so the marks are stale.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
@@ -191,9 +191,10 @@ def is_prepared(folder: Path) -> bool:
     if not marker.is_file():
         return False
     try:
-        return int(json.loads(marker.read_text()).get("format_version", 0)) == FORMAT_VERSION
+        content = json.loads(marker.read_text())
     except (ValueError, OSError):
         return False
+    return isinstance(content, dict) and content.get("format_version") == FORMAT_VERSION
 
 
 def prepare(model_id: str, store: Path | None = None) -> Path:
@@ -215,7 +216,12 @@ def prepare(model_id: str, store: Path | None = None) -> Path:
             work = Path(tmp)
             out = work / "model"
             gguf, source_sha = _gguf_for(model, work)
-            convert_gguf(gguf, out, add_bos=model.add_bos)
+            try:
+                convert_gguf(gguf, out, add_bos=model.add_bos)
+            except Exception as exc:  # transformers/gguf raise many types; one error out
+                raise ModelPreparationError(
+                    f"converting {model_id} from {gguf.name} failed: {exc}"
+                ) from exc
             marker = {"id": model_id, "source_sha256": source_sha, "format_version": FORMAT_VERSION}
             (out / MARKER_FILE).write_text(json.dumps(marker))
             if target.exists():

@@ -30,7 +30,10 @@ class ModelDeployment:
     when the engine is dead.
     """
 
-    async def __init__(self, model: ModelConfig, engine_factory: EngineFactory | None = None):
+    # Ray Serve awaits an async __init__: the replica counts as started once the engine is.
+    async def __init__(  # type: ignore[misc]
+        self, model: ModelConfig, engine_factory: EngineFactory | None = None
+    ):
         self._model = model
         path = resolve_weights(model.source)
         self._engine = (engine_factory or vllm_engine_factory)(model, path)

@@ -35,5 +35,5 @@ def build_app(args: Mapping[str, Any]) -> Application:
 
     config = load_config(args, os.environ)
     models = build_model_apps(config)
-    deployment = serve.deployment(RouterIngress).options(**router_options(config))
+    deployment = serve.deployment(**router_options(config))(RouterIngress)
     return deployment.bind(config, models)

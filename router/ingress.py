@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from ray import serve
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 class RouterIngress:
     """Builds the FastAPI app at replica start from the config and the model handles."""
 
-    def __init__(self, config: FleetConfig, models: dict[str, DeploymentHandle]):
+    def __init__(self, config: FleetConfig, models: dict[str, DeploymentHandle[Any]]):
         clients = {model_id: HandleModelClient(model_id, h) for model_id, h in models.items()}
         # Serve's proxy echoes X-Request-Id on every response; echoing too would send it twice.
         self._app = create_app(config, clients, echo_request_id=False)

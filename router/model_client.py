@@ -9,17 +9,19 @@ the replica, which aborts the generation in vLLM.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from deployments.engine import Reply, Route
 from deployments.errors import InternalServerError, ServiceUnavailableError
 
 if TYPE_CHECKING:
-    from ray.serve.handle import DeploymentHandle
+    from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 
 class ModelClient(Protocol):
-    def stream(self, route: Route, body: dict[str, Any], request_id: str) -> AsyncIterator[str | Reply]:
+    def stream(
+        self, route: Route, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[str | Reply]:
         """Send one request; yields what the engine contract yields."""
         ...
 
@@ -27,7 +29,7 @@ class ModelClient(Protocol):
 class HandleModelClient:
     """A ``ModelClient`` over a streaming Ray Serve deployment handle."""
 
-    def __init__(self, model_id: str, handle: DeploymentHandle):
+    def __init__(self, model_id: str, handle: DeploymentHandle[Any]):
         self._model_id = model_id
         self._handle = handle.options(stream=True)
 
@@ -36,7 +38,10 @@ class HandleModelClient:
     ) -> AsyncIterator[str | Reply]:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        response = self._handle.generate.remote(route, body, request_id)
+        response = cast(
+            "DeploymentResponseGenerator[str | Reply]",
+            self._handle.generate.remote(route, body, request_id),
+        )
         try:
             async for item in response:
                 yield item
@@ -48,4 +53,4 @@ class HandleModelClient:
             # Replica or actor failures: the detail goes to logs, never to the client.
             raise InternalServerError(f"model {self._model_id}: {type(exc).__name__}") from exc
         finally:
-            response.cancel()
+            response.cancel()  # type: ignore[no-untyped-call]

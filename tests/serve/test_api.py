@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -71,7 +72,7 @@ def test_chat_streams_chunk_by_chunk_then_usage(client: openai.OpenAI) -> None:
             usage = chunk.usage
     assert len(texts) >= 20, texts
     # Relayed as generated, not buffered: the chunks arrive spread over time.
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert sum(1 for gap in gaps if gap > 0.002) >= len(gaps) // 2, gaps
     assert usage is not None and usage.completion_tokens == 40
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,9 @@ def test_gemma_chunks_join_into_the_verified_gguf(tmp_path: Path) -> None:
     name, expected = embedded._expected_gemma_sha256()
     assert gguf == tmp_path / name
     assert gguf.stat().st_size == sum(c.stat().st_size for c in embedded._gemma_chunks())
-    assert hashlib.sha256(gguf.read_bytes()).hexdigest() == expected
-    assert gguf.read_bytes()[:4] == b"GGUF"
+    content = gguf.read_bytes()
+    assert hashlib.sha256(content).hexdigest() == expected
+    assert content[:4] == b"GGUF"
 
 
 def test_corrupted_gemma_chunk_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,16 +185,16 @@ def _load(model_id: str) -> tuple[Any, Any]:
     folder = embedded.prepare(model_id)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.eval()
     return tokenizer, model
 
 
-def _greedy(model: Any, inputs: Any, max_new_tokens: int) -> Iterator[int]:
+def _greedy(model: Any, inputs: Any, max_new_tokens: int) -> list[int]:
     import torch
 
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return iter(output[0][inputs["input_ids"].shape[1] :].tolist())
+    new_tokens: list[int] = output[0][inputs["input_ids"].shape[1] :].tolist()
+    return new_tokens
 
 
 @pytest.mark.slow
@@ -203,7 +204,7 @@ def test_smollm2_answers_a_chat_question() -> None:
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
-    answer = tokenizer.decode(list(_greedy(model, inputs, 20)), skip_special_tokens=True)
+    answer = tokenizer.decode(_greedy(model, inputs, 20), skip_special_tokens=True)
     assert "Paris" in answer
 
 
@@ -211,7 +212,7 @@ def test_smollm2_answers_a_chat_question() -> None:
 def test_gemma_continues_a_sentence_coherently() -> None:
     tokenizer, model = _load(GEMMA)
     inputs = tokenizer("The capital of France is", return_tensors="pt")
-    text = tokenizer.decode(list(_greedy(model, inputs, 20)), skip_special_tokens=True)
+    text = tokenizer.decode(_greedy(model, inputs, 20), skip_special_tokens=True)
     words = re.findall(r"\S+", text)
     alphabetic = [w for w in words if re.fullmatch(r"[A-Za-z][A-Za-z'\-]*[.,;:!?]?", w)]
     assert len(words) >= 5, text
