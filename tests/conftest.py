@@ -16,33 +16,48 @@ import psutil
 import pytest
 
 LEAK_MARKERS = ("raylet", "gcs_server", "EngineCore", "ray::", "serve run", "ray/dashboard")
-_KEY = pytest.StashKey[set[int]]()
+_STARTED = pytest.StashKey[float]()
 
 
-def ray_and_engine_processes() -> dict[int, str]:
-    found: dict[int, str] = {}
-    for proc in psutil.process_iter(["pid", "cmdline", "name", "status"]):
-        if proc.info["status"] == psutil.STATUS_ZOMBIE:
-            continue  # exited already; only its parent's bookkeeping remains
+def _is_ray_or_engine(proc: psutil.Process) -> str | None:
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None  # exited already; only its parent's bookkeeping remains
+        text = " ".join(proc.cmdline()) or proc.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return text[:160] if any(marker in text for marker in LEAK_MARKERS) else None
+
+
+def leftover_processes(since: float) -> dict[int, str]:
+    """Ray/engine processes this session started: our descendants, and orphans
+    (re-parented to init) created since the session began. Processes of another
+    test session running beside this one are neither."""
+    candidates = psutil.Process().children(recursive=True)
+    for proc in psutil.process_iter():
         try:
-            text = " ".join(proc.info["cmdline"] or []) or (proc.info["name"] or "")
+            if proc.ppid() == 1 and proc.create_time() >= since:
+                candidates.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if any(marker in text for marker in LEAK_MARKERS):
-            found[proc.info["pid"]] = text[:160]
+    found = {}
+    for proc in candidates:
+        text = _is_ray_or_engine(proc)
+        if text is not None:
+            found[proc.pid] = text
     return found
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    session.stash[_KEY] = set(ray_and_engine_processes())
+    session.stash[_STARTED] = time.time()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    before = session.stash.get(_KEY, set())
+    since = session.stash.get(_STARTED, time.time())
     deadline = time.monotonic() + 30
-    leftover = {}
+    leftover: dict[int, str] = {}
     while time.monotonic() < deadline:
-        leftover = {p: c for p, c in ray_and_engine_processes().items() if p not in before}
+        leftover = leftover_processes(since)
         if not leftover:
             return
         time.sleep(1)
