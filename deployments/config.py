@@ -42,9 +42,6 @@ class AutoscalingConfig(StrictModel):
     downscale_delay_s: float = Field(
         300.0, ge=0, description="Seconds the load must stay low before removing replicas."
     )
-    metrics_interval_s: float = Field(
-        2.0, gt=0, description="How often replicas report their load to the autoscaler."
-    )
     look_back_period_s: float = Field(
         10.0, gt=0, description="Window over which the reported load is averaged."
     )

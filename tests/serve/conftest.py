@@ -37,7 +37,6 @@ SCALING_OVERRIDE = {
         "target_ongoing_requests": 2,
         "upscale_delay_s": 3,
         "downscale_delay_s": 15,
-        "metrics_interval_s": 1,
         "look_back_period_s": 4,
     },
 }

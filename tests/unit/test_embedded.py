@@ -121,7 +121,7 @@ def test_failed_conversion_leaves_nothing_usable_and_is_retried(
     tmp_path: Path, use_converter: Callable[[FakeConverter], FakeConverter]
 ) -> None:
     use_converter(FakeConverter(fail=True))
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(ModelPreparationError, match="disk full"):
         embedded.prepare(SMOL, tmp_path)
 
     assert not (tmp_path / SMOL).exists()
