@@ -3,14 +3,14 @@
 Whitespace-separated words are tokens. The answer echoes the last user message (or
 the completion prompt) word by word and then stops; with ``ignore_eos`` (a vLLM
 sampling parameter) it repeats those words until the token budget is spent, as a
-real model does. Its budget rules follow vLLM 0.32, so the fake cannot drift from
-the real engine on what ``tests/contract`` checks:
+real model does. Its budget rules are those of ``deployments/vllm_engine.py``, so the
+fake cannot drift from the real engine on what ``tests/contract`` checks:
 
 - chat without ``max_tokens`` / ``max_completion_tokens`` may use the whole room left
   in the context; a completion without ``max_tokens`` gets vLLM's default of 16;
-- ``max_tokens`` larger than the room left is clamped, not refused;
-- a prompt that alone fills the context is refused with vLLM's 400 message (the fake
-  also refuses one exactly as long as the context, which vLLM refuses with another).
+- prompt + a requested ``max_tokens`` over the context is refused with a 400 naming
+  the context length (vLLM alone would shrink ``max_tokens``; our engine refuses);
+- a prompt that alone fills the context is refused the same way.
 """
 
 from __future__ import annotations
@@ -121,7 +121,15 @@ class FakeEngine:
             requested = room if route == "chat" else COMPLETION_DEFAULT_MAX_TOKENS
         if not isinstance(requested, int) or isinstance(requested, bool) or requested < 1:
             return _error(f"{param} must be at least 1, got {requested!r}.", param)
-        budget = min(requested, room)
+        if requested > room:
+            return _error(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {prompt_tokens + requested} tokens ({prompt_tokens} in the "
+                f"prompt, {requested} in the completion). Please reduce the length of the "
+                "prompt or max_tokens.",
+                "max_tokens",
+            )
+        budget = requested
         words = words or _FALLBACK_ANSWER
         if body.get("ignore_eos") is True:
             tokens, finish = [words[i % len(words)] for i in range(budget)], "length"

@@ -46,19 +46,24 @@ class ClientDisconnected(Exception):
 async def _read_json(request: Request, max_bytes: int) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(f"Request body exceeds {max_bytes} bytes.", status_code=413,
-                       code="request_too_large")
+        raise APIError(
+            f"Request body exceeds {max_bytes} bytes.", status_code=413, code="request_too_large"
+        )
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > max_bytes:
-            raise APIError(f"Request body exceeds {max_bytes} bytes.", status_code=413,
-                           code="request_too_large")
+            raise APIError(
+                f"Request body exceeds {max_bytes} bytes.",
+                status_code=413,
+                code="request_too_large",
+            )
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequestError(f"The request body is not valid JSON: {exc}",
-                              code="invalid_json") from None
+        raise BadRequestError(
+            f"The request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -85,7 +90,9 @@ async def _first_item(request: Request, stream: AsyncIterator[str | Reply]) -> s
     raise ClientDisconnected
 
 
-async def _relay(first: str, stream: AsyncIterator[str | Reply], request_id: str) -> AsyncIterator[str]:
+async def _relay(
+    first: str, stream: AsyncIterator[str | Reply], request_id: str
+) -> AsyncIterator[str]:
     """Relay frames as they come; an error after the first frame becomes an SSE error frame."""
     try:
         yield first
@@ -125,15 +132,23 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        err = APIError(str(exc.detail), status_code=exc.status_code,
-                       code="not_found" if exc.status_code == 404 else None)
+        err = APIError(
+            str(exc.detail),
+            status_code=exc.status_code,
+            code="not_found" if exc.status_code == 404 else None,
+        )
         err.error_type = "invalid_request_error"
         return error_response(err, request_id_of(request.scope))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error in %s", request.url.path)
-        return error_response(InternalServerError("unhandled"), request_id_of(request.scope))
+        request_id = request_id_of(request.scope)
+        response = error_response(InternalServerError("unhandled"), request_id)
+        if echo_request_id:
+            # Starlette runs this handler outside all middleware, RequestIdMiddleware too.
+            response.headers["X-Request-Id"] = request_id
+        return response
 
     def _model_card(model_id: str) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "llm-fleet"}
@@ -155,7 +170,7 @@ def create_app(
         model = models.get(parsed.model)
         if model is None:
             raise ModelNotFoundError(parsed.model)
-        body = apply_token_limits(body, model.limits)
+        body = apply_token_limits(route, body, model.limits)
         stream = clients[model.id].stream(route, body, request_id)
         try:
             first = await _first_item(request, stream)
@@ -169,10 +184,12 @@ def create_app(
             if first.ok:
                 return JSONResponse(first.body, status_code=first.status)
             error = first.body.get("error", {})
-            raise api_error_from_status(first.status, str(error.get("message", "request failed")),
-                                        param=error.get("param"))
-        return StreamingResponse(_relay(first, stream, request_id),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+            raise api_error_from_status(
+                first.status, str(error.get("message", "request failed")), param=error.get("param")
+            )
+        return StreamingResponse(
+            _relay(first, stream, request_id), media_type="text/event-stream", headers=SSE_HEADERS
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -188,7 +205,8 @@ def create_app(
             CORSMiddleware,
             allow_origins=list(config.router.cors_allowed_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            # SDKs send their own headers (the openai SDK's x-stainless-*): allow any.
+            allow_headers=["*"],
             expose_headers=["X-Request-Id"],
         )
     return app

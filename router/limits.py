@@ -1,10 +1,14 @@
 """Per-model output token policy, applied before a request reaches the engine.
 
-- No ``max_tokens`` / ``max_completion_tokens`` sent: ``default_max_tokens`` is used,
-  so a client that forgets it cannot hold a replica for the whole context.
-- Either one above ``max_tokens_limit``: 400 ``max_tokens_exceeded`` naming the limit.
-- Prompt plus ``max_tokens`` over the model's context: checked by the engine with the
-  real tokenizer and chat template, answered as 400 ``context_length_exceeded``.
+- No ``max_tokens`` (nor, for chat, ``max_completion_tokens``) sent: ``default_max_tokens``
+  is used, so a client that forgets it cannot hold a replica for the whole context.
+  ``max_completion_tokens`` is a chat field; vLLM's completions ignore it, so there it
+  neither counts as a choice nor is checked.
+- One above ``max_tokens_limit``: 400 ``max_tokens_exceeded`` naming the limit.
+- Prompt plus ``max_tokens`` over the context: checked in the replica, where the real
+  tokenizer and chat template count the prompt (``deployments/vllm_engine.py``; vLLM
+  alone would shrink ``max_tokens`` instead). The router answers that 400 with the code
+  ``context_length_exceeded``.
 """
 
 from __future__ import annotations
@@ -12,14 +16,19 @@ from __future__ import annotations
 from typing import Any
 
 from deployments.config import TokenLimits
+from deployments.engine import Route
 from deployments.errors import TokenLimitError
 
-_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+# The fields the engine reads as the output budget, per route (parse_request typed them).
+_TOKEN_FIELDS: dict[Route, tuple[str, ...]] = {
+    "chat": ("max_tokens", "max_completion_tokens"),
+    "completions": ("max_tokens",),
+}
 
 
-def apply_token_limits(body: dict[str, Any], limits: TokenLimits) -> dict[str, Any]:
+def apply_token_limits(route: Route, body: dict[str, Any], limits: TokenLimits) -> dict[str, Any]:
     """Return ``body`` with a max_tokens the policy admits, or raise TokenLimitError."""
-    requested = {key: body[key] for key in _TOKEN_FIELDS if body.get(key) is not None}
+    requested = {key: body[key] for key in _TOKEN_FIELDS[route] if body.get(key) is not None}
     for key, value in requested.items():
         if value > limits.max_tokens_limit:
             raise TokenLimitError(

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from deployments.errors import BadRequestError
 
@@ -34,8 +44,26 @@ class ChatRequest(_OpenAIRequest):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
+_PROMPT: TypeAdapter[str | list[str] | list[int] | list[list[int]]] = TypeAdapter(
+    StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+)
+
+
 class CompletionRequest(_OpenAIRequest):
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    # Checked in a validator: the errors of a union field name its branches
+    # ("prompt.str", "prompt.list[int]"), and the client must see "prompt".
+    prompt: Any
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        try:
+            return _PROMPT.validate_python(value)
+        except ValidationError:
+            raise ValueError(
+                "expected a string, a list of strings, a list of token ids "
+                "or a list of lists of token ids"
+            ) from None
 
 
 def parse_request(route: Literal["chat", "completions"], body: Any) -> _OpenAIRequest:

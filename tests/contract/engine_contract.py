@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
 from deployments.engine import Reply, Route
@@ -36,7 +36,7 @@ class EngineLike(Protocol):
     async def num_unfinished_requests(self) -> int: ...
 
 
-Check = Callable[..., Awaitable[None]]
+Check = Callable[..., Coroutine[Any, Any, None]]
 
 
 def _request_id() -> str:
@@ -86,7 +86,7 @@ def _check_usage(usage: Any, *, completion_tokens: int | None = None) -> None:
     assert isinstance(completion, int) and completion > 0, usage
     assert usage["total_tokens"] == prompt + completion, usage
     if completion_tokens is not None:
-        assert completion == completion_tokens, usage
+        assert completion == completion_tokens, f"completion_tokens != {completion_tokens}: {usage}"
 
 
 def _check_head(body: dict[str, Any], obj: str, model_id: str, request_id: str) -> None:
@@ -167,10 +167,10 @@ async def check_include_usage(engine: EngineLike, model_id: str) -> None:
     )
     chunks = _chunks(await _collect(engine, "chat", body, rid))
     *content, last = chunks
-    _check_stream(content, "chat.completion.chunk", model_id, rid)
-    _check_head(last, "chat.completion.chunk", model_id, rid)
-    assert last["choices"] == [], last
+    assert last["choices"] == [], f"include_usage: the last chunk has no choices, got {last}"
     _check_usage(last.get("usage"), completion_tokens=6)
+    _check_head(last, "chat.completion.chunk", model_id, rid)
+    _check_stream(content, "chat.completion.chunk", model_id, rid)
     assert all(c.get("usage") is None for c in content), "only the last chunk carries usage"
 
 
@@ -199,28 +199,45 @@ async def check_completions_streaming(engine: EngineLike, model_id: str) -> None
         "stream_options": {"include_usage": True},
     }
     *content, last = _chunks(await _collect(engine, "completions", body, rid))
+    assert last["choices"] == [], f"include_usage: the last chunk has no choices, got {last}"
+    _check_usage(last.get("usage"), completion_tokens=4)
     with_choices = _check_stream(content, "text_completion", model_id, rid)
     assert all(isinstance(c["choices"][0]["text"], str) for c in with_choices)
-    assert last["choices"] == [], last
-    _check_usage(last.get("usage"), completion_tokens=4)
 
 
 async def check_context_overflow_is_400(
     engine: EngineLike, model_id: str, *, max_model_len: int = 2048
 ) -> None:
-    """A prompt longer than the context is one Reply(400) naming the context length.
-
-    vLLM 0.32 clamps a too-large max_tokens to the room left, so only a prompt that
-    does not fit by itself is refused; streamed or not, before any frame.
-    """
+    """A prompt longer than the context is one Reply(400) naming the context length,
+    streamed or not, before any frame."""
     prompt = " ".join(["hello"] * (2 * max_model_len))
     for stream in (False, True):
         body = _chat(model_id, prompt, max_tokens=16, stream=stream)
         reply = await _one_reply(engine, "chat", body, _request_id())
-        assert reply.status == 400 and not reply.ok, reply
+        assert reply.status == 400 and not reply.ok, f"expected a 400 Reply, got {reply}"
         error = reply.body["error"]
         assert "maximum context length" in error["message"], error
         assert isinstance(error["type"], str), error
+
+
+async def check_prompt_plus_max_tokens_over_context_is_400(
+    engine: EngineLike, model_id: str, *, max_model_len: int = 2048
+) -> None:
+    """A prompt that fits, with a max_tokens that does not fit after it, is refused.
+
+    vLLM alone would shrink max_tokens to the room left; the contract is the OpenAI
+    rule: 400, code-worthy message naming the context length and param max_tokens.
+    """
+    prompt = " ".join(["hello"] * (max_model_len // 4))
+    body = _chat(model_id, prompt, max_tokens=max_model_len - 16)
+    reply = await _one_reply(engine, "chat", body, _request_id())
+    assert reply.status == 400, f"expected a 400 Reply, got {reply}"
+    error = reply.body["error"]
+    assert "maximum context length" in error["message"] and str(max_model_len) in error["message"]
+    assert error["param"] == "max_tokens", error
+    # The same prompt with a max_tokens that fits is served.
+    fits = _chat(model_id, prompt, max_tokens=4)
+    assert (await _one_reply(engine, "chat", fits, _request_id())).status == 200
 
 
 async def _aclose(stream: AsyncIterator[str | Reply]) -> None:
@@ -297,6 +314,7 @@ CHAT_CHECKS: tuple[Check, ...] = (
     check_chat_streaming_frames_then_done,
     check_include_usage,
     check_context_overflow_is_400,
+    check_prompt_plus_max_tokens_over_context_is_400,
     check_cancel_aborts,
     check_cancel_non_streaming_aborts,
 )
