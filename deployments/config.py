@@ -18,7 +18,9 @@ _RESERVED_ENGINE_ARGS = {
     "model": "source",
     "served_model_name": "id",
     "tensor_parallel_size": "resources.tensor_parallel_size",
+    "trust_remote_code": "trust_remote_code",
 }
+_HF_COMMIT = re.compile(r"@[0-9a-f]{40}$")
 
 
 class StrictModel(BaseModel):
@@ -150,6 +152,24 @@ class ModelConfig(StrictModel):
     health_check_timeout_s: float = Field(
         30.0, gt=0, description="A health check slower than this marks the replica unhealthy."
     )
+    allow_pickle: bool = Field(
+        False,
+        description="Load pickle weights (*.bin, *.pt, *.pth), which can run code when "
+        "loaded. Off: only safetensors are loaded.",
+    )
+    require_checksums: bool = Field(
+        True,
+        description="Refuse files the store gives no checksum for (S3 without a "
+        "MANIFEST.sha256 entry). Every file with a checksum is verified before the engine starts.",
+    )
+    allow_moving_revision: bool = Field(
+        False,
+        description="Allow an hf:// source without a 40-hex commit revision (a branch or tag "
+        "that can change under a running fleet).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Let vLLM run Python code shipped with the model repository."
+    )
     env: dict[str, str] = Field(
         default_factory=dict,
         description="Extra environment for this model's replicas (not for secrets), "
@@ -166,6 +186,16 @@ class ModelConfig(StrictModel):
         if value.startswith("s3://") and not re.fullmatch(r"s3://[a-z0-9.\-]{3,63}(/\S*)?", value):
             raise ValueError("s3:// sources look like s3://bucket/prefix")
         return value
+
+    @model_validator(mode="after")
+    def _pinned_revision(self) -> ModelConfig:
+        if self.source.startswith("hf://") and not self.allow_moving_revision:
+            if not _HF_COMMIT.search(self.source):
+                raise ValueError(
+                    "hf:// sources need a pinned commit (hf://org/name@<40-hex sha>); "
+                    "set allow_moving_revision: true to follow a branch or tag"
+                )
+        return self
 
     @field_validator("engine_args")
     @classmethod

@@ -35,7 +35,7 @@ class ModelDeployment:
         self, model: ModelConfig, engine_factory: EngineFactory | None = None
     ):
         self._model = model
-        path = resolve_weights(model.source)
+        path = resolve_weights(model)
         self._engine = (engine_factory or vllm_engine_factory)(model, path)
         self._info = await self._engine.start()
 

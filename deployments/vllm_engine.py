@@ -40,6 +40,7 @@ def engine_kwargs(model: ModelConfig, model_path: Path) -> dict[str, Any]:
         "model": str(model_path),
         "served_model_name": [model.id],
         "tensor_parallel_size": model.resources.tensor_parallel_size,
+        "trust_remote_code": model.trust_remote_code,
     }
     if model.resources.tensor_parallel_size > 1:
         kwargs.setdefault("distributed_executor_backend", "ray")

@@ -141,8 +141,7 @@ def test_bad_source_is_rejected(source: str, expected: str) -> None:
     [
         "embedded://gemma-3-270m",
         "s3://models-bucket/llama/v1",
-        "hf://org/name@0123abc",
-        "hf://org/name",
+        "hf://org/name@0123456789abcdef0123456789abcdef01234567",
         "/srv/models/llama",
         "file:///srv/models/llama",
     ],
@@ -151,12 +150,21 @@ def test_good_sources_are_accepted(source: str) -> None:
     assert load_config({"models": [model(source=source)]}, {}).models[0].source == source
 
 
+@pytest.mark.parametrize("source", ["hf://org/name", "hf://org/name@main", "hf://org/n@v1.0"])
+def test_hf_sources_need_a_pinned_commit_unless_allowed(source: str) -> None:
+    with pytest.raises(ConfigError, match="pinned commit"):
+        load_config({"models": [model(source=source)]}, {})
+    allowed = load_config({"models": [model(source=source, allow_moving_revision=True)]}, {})
+    assert allowed.models[0].allow_moving_revision
+
+
 @pytest.mark.parametrize(
     ("arg", "owner"),
     [
         ("model", "source"),
         ("tensor_parallel_size", "resources.tensor_parallel_size"),
         ("served_model_name", "id"),
+        ("trust_remote_code", "trust_remote_code"),
     ],
 )
 def test_reserved_engine_args_name_where_to_set_them(arg: str, owner: str) -> None:
