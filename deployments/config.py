@@ -189,12 +189,12 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _pinned_revision(self) -> ModelConfig:
-        if self.source.startswith("hf://") and not self.allow_moving_revision:
-            if not _HF_COMMIT.search(self.source):
-                raise ValueError(
-                    "hf:// sources need a pinned commit (hf://org/name@<40-hex sha>); "
-                    "set allow_moving_revision: true to follow a branch or tag"
-                )
+        moving = self.source.startswith("hf://") and not _HF_COMMIT.search(self.source)
+        if moving and not self.allow_moving_revision:
+            raise ValueError(
+                "hf:// sources need a pinned commit (hf://org/name@<40-hex sha>); "
+                "set allow_moving_revision: true to follow a branch or tag"
+            )
         return self
 
     @field_validator("engine_args")

@@ -33,7 +33,7 @@ class Digest:
 
 def file_digest(path: Path, algorithm: Algorithm) -> str:
     """sha256 of the bytes, or git's blob sha1 (``sha1("blob <size>\\0" + bytes)``)."""
-    digest = hashlib.sha256() if algorithm == "sha256" else hashlib.sha1()  # noqa: S324
+    digest = hashlib.sha256() if algorithm == "sha256" else hashlib.sha1()
     if algorithm == "git-sha1":
         digest.update(f"blob {path.stat().st_size}\0".encode())
     with path.open("rb") as handle:

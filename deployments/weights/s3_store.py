@@ -69,7 +69,8 @@ class S3Store:
                 for item in page.get("Contents", []):
                     objects[item["Key"][len(base) :]] = int(item["Size"])
         except (BotoCoreError, ClientError) as exc:
-            raise ModelPreparationError(f"{self.description}: cannot list: {_reason(exc)}") from None
+            reason = _reason(exc)
+            raise ModelPreparationError(f"{self.description}: cannot list: {reason}") from None
         if not objects:
             raise ModelPreparationError(f"{self.description}: no objects under this prefix")
         return objects

@@ -51,7 +51,11 @@ class Source:
 
     def __str__(self) -> str:
         if self.scheme == "hf":
-            return f"hf://{self.location}@{self.revision}" if self.revision else f"hf://{self.location}"
+            return (
+                f"hf://{self.location}@{self.revision}"
+                if self.revision
+                else f"hf://{self.location}"
+            )
         if self.scheme == "local":
             return self.location
         return f"{self.scheme}://{self.location}"
