@@ -3,9 +3,10 @@
 Why a wrapper: on this Ray release ``serve run`` shuts Serve, its engines and the local
 Ray cluster down only on a SIGINT sent to its own process. A terminal's Ctrl-C goes to
 the whole process group and leaves Ray and vLLM engine processes behind, and SIGTERM
-is ignored. So ``serve run`` runs in its own session, and a SIGINT or SIGTERM to
-the launcher becomes one SIGINT to ``serve run``. If it has not exited after
-``STOP_TIMEOUT_S``, the launcher kills it and runs ``ray stop --force``.
+is ignored. So ``serve run`` runs in its own session with SIGINT at its default, and
+a SIGINT or SIGTERM to the launcher becomes one SIGINT to ``serve run``; a second one
+kills it and runs ``ray stop --force``. :func:`stop` (tests, benchmarks) does the same
+after ``STOP_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -40,35 +41,52 @@ def stop(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> i
     return process.wait()
 
 
-def start(config: str, **popen_kwargs: object) -> subprocess.Popen[bytes]:
-    """Start ``serve run config`` in a new session (its own process group)."""
+def _reset_sigint() -> None:
+    # A parent started in the background by a non-interactive shell ignores SIGINT,
+    # and an ignored signal stays ignored across exec: serve run would then never see
+    # the SIGINT that stops it cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start(
+    config: str, *, command: list[str] | None = None, **popen_kwargs: object
+) -> subprocess.Popen[bytes]:
+    """Start ``serve run config`` (or ``command``) in a new session, SIGINT at default."""
+    argv = command if command is not None else [_bin("serve"), "run", config]
     return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-        [_bin("serve"), "run", config], start_new_session=True, **popen_kwargs
+        argv, start_new_session=True, preexec_fn=_reset_sigint, **popen_kwargs
     )
 
 
 def serve_foreground(config: str) -> int:
-    """Run until ``serve run`` exits or the launcher is told to stop."""
-    process = start(config)
-    stopping = False
+    """Run until ``serve run`` exits or the launcher is told to stop.
+
+    First SIGINT/SIGTERM: one SIGINT to ``serve run``, which stops Serve, the engines
+    and the local cluster. A second one: kill it, then ``ray stop --force``. The
+    handlers never wait on the child themselves (the main thread already does).
+    """
+    process: subprocess.Popen[bytes] | None = None
+    signals = 0
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        if stopping:  # a second Ctrl-C: stop waiting for the clean path
-            stop(process, timeout=0)
+        nonlocal signals
+        signals += 1
+        if process is None or process.poll() is not None:
             return
-        stopping = True
-        print("llm-fleet: stopping Serve, engines and the local Ray cluster...", flush=True)
-        process.send_signal(signal.SIGINT)
+        if signals == 1:
+            print("llm-fleet: stopping Serve, engines and the local Ray cluster...", flush=True)
+            process.send_signal(signal.SIGINT)
+        else:
+            print("llm-fleet: killing serve run", flush=True)
+            os.killpg(process.pid, signal.SIGKILL)
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    try:
-        code = process.wait()
-    finally:
-        if process.poll() is None:
-            stop(process)
-    return 0 if stopping else code
+    process = start(config)
+    code = process.wait()
+    if code == -signal.SIGKILL:
+        subprocess.run([_bin("ray"), "stop", "--force"], check=False, capture_output=True)
+    return 0 if signals else code
 
 
 if __name__ == "__main__":
