@@ -12,7 +12,15 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import CHAT_MODEL, COMPLETION_MODEL, Fleet, deployment_handle
+from tests.serve.conftest import (
+    CHAT_MODEL,
+    COMPLETION_MODEL,
+    HF_MODEL,
+    S3_MODEL,
+    UNREACHABLE_MODEL,
+    Fleet,
+    deployment_handle,
+)
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -25,9 +33,9 @@ def client(fleet: Fleet) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="unused", max_retries=0)
 
 
-def test_models_lists_both_embedded_models(client: openai.OpenAI) -> None:
+def test_models_lists_every_configured_model(client: openai.OpenAI) -> None:
     ids = {model.id for model in client.models.list()}
-    assert ids == {CHAT_MODEL, COMPLETION_MODEL}
+    assert ids == {CHAT_MODEL, COMPLETION_MODEL, S3_MODEL, HF_MODEL, UNREACHABLE_MODEL}
 
 
 def test_chat_answers_paris(client: openai.OpenAI) -> None:

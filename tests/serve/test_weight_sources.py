@@ -1,0 +1,55 @@
+"""Models served from an S3 server and an HF mirror on loopback, and one whose store is
+unreachable, all in the shared fleet (see conftest)."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+
+from tests.serve.conftest import APP, CHAT_MODEL, HF_MODEL, S3_MODEL, UNREACHABLE_MODEL, Fleet
+from tests.weights.s3server import SECRET_ACCESS_KEY
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(fleet: Fleet) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def _answer(client: openai.OpenAI, model: str) -> str:
+    reply = client.chat.completions.create(
+        model=model, messages=FRANCE, temperature=0, max_tokens=30
+    )
+    return reply.choices[0].message.content or ""
+
+
+@pytest.mark.parametrize("remote", [S3_MODEL, HF_MODEL])
+def test_remote_weights_answer_like_the_local_model(client: openai.OpenAI, remote: str) -> None:
+    local = _answer(client, CHAT_MODEL)
+    assert "Paris" in local
+    assert _answer(client, remote) == local
+
+
+@pytest.mark.usefixtures("ray_driver")
+def test_unreachable_store_fails_that_model_with_the_reason(client: openai.OpenAI) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + 300
+    while True:
+        status = serve.status().applications[APP].deployments[UNREACHABLE_MODEL]
+        if "cannot list" in status.message or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert "cannot list" in status.message, status
+    assert "s3://fleet-weights/gone" in status.message
+    assert "EndpointConnectionError" in status.message
+    assert SECRET_ACCESS_KEY not in status.message
+    assert str(status.status).endswith(("DEPLOY_FAILED", "UNHEALTHY", "UPDATING")), status
+    # The others keep serving.
+    assert "Paris" in _answer(client, CHAT_MODEL)
+    assert "Paris" in _answer(client, S3_MODEL)
