@@ -94,6 +94,7 @@ def main() -> None:
         "--dtype", "float32", "--enforce-eager",
         "--max-model-len", str(engine_args["max_model_len"]),
         "--max-num-seqs", str(engine_args["max_num_seqs"]),
+        "--kv-cache-memory-bytes", str(engine_args["kv_cache_memory_bytes"]),
         "--host", "127.0.0.1", "--port", str(bare_port),
     ]  # fmt: skip
     config["http_options"]["port"] = fleet_port

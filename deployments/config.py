@@ -173,7 +173,7 @@ class ModelConfig(StrictModel):
     env: dict[str, str] = Field(
         default_factory=dict,
         description="Extra environment for this model's replicas (not for secrets), "
-        "e.g. VLLM_CPU_KVCACHE_SPACE.",
+        "e.g. VLLM_CPU_OMP_THREADS_BIND.",
     )
 
     @field_validator("source")

@@ -55,4 +55,7 @@ class ModelDeployment:
         await self._engine.check_health()
 
     async def __del__(self) -> None:
-        await self._engine.shutdown()
+        # Serve calls this on replicas whose __init__ failed (weights unreachable) too.
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            await engine.shutdown()

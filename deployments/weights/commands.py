@@ -41,6 +41,10 @@ class BarProgress(Progress):
         super().advance(count)
         self._bar.update(count)
 
+    def close(self) -> None:
+        """End the bar's line, so what is printed next starts on a line of its own."""
+        self._bar.close()
+
 
 def _local_folder(what: str) -> Path:
     if what in embedded.EMBEDDED_MODELS:
@@ -60,7 +64,10 @@ def _push(options: argparse.Namespace) -> int:
     folder = _local_folder(options.what)
     total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     bar = BarProgress(f"push {source}", total)
-    names = S3Store(source).push(folder, on_bytes=bar.advance)
+    try:
+        names = S3Store(source).push(folder, on_bytes=bar.advance)
+    finally:
+        bar.close()
     print(f"pushed {len(names)} files and {MANIFEST_NAME} to {source}")
     return EXIT_OK
 
@@ -70,7 +77,17 @@ def _pull(options: argparse.Namespace) -> int:
     if source.scheme not in ("s3", "hf"):
         raise ConfigError("pull takes an s3:// or hf:// source")
     policy = LoadPolicy(allow_pickle=options.allow_pickle, require_checksums=True)
-    folder = fetch_to_cache(store_for(source), source.cache_key(), policy, None, BarProgress)
+    bars: list[BarProgress] = []
+
+    def bar(label: str, total: int) -> Progress:
+        bars.append(BarProgress(label, total))
+        return bars[-1]
+
+    try:
+        folder = fetch_to_cache(store_for(source), source.cache_key(), policy, None, bar)
+    finally:
+        for opened in bars:
+            opened.close()
     print(folder)
     return EXIT_OK
 

@@ -1,30 +1,66 @@
-"""Weights from a Hugging Face hub mirror: the only huggingface_hub user.
+"""Weights from a Hugging Face hub mirror (e.g. olah): the only huggingface_hub user.
 
-huggingface_hub's own settings apply: ``HF_ENDPOINT`` (point it at the mirror, e.g.
-an olah server, so the public hub is never reached), ``HF_TOKEN``, and
-``HF_HUB_OFFLINE`` (then nothing is fetched, not even from the mirror: a model must
-already be in the node cache).
+The mirror is ``HF_ENDPOINT``, read when an ``HFStore`` is made and passed to every
+call, so a process that imported huggingface_hub before the variable was set still
+goes to the mirror. Without ``HF_ENDPOINT``, or with it naming the public hub
+(``huggingface.co``, ``hf.co``), an ``HFStore`` refuses to start: nothing is ever
+requested from the public hub. ``HF_TOKEN`` is sent to the mirror if set;
+``HF_HUB_OFFLINE`` (read by huggingface_hub at import) stops all requests, so a model
+must then already be in the node cache.
 
-Digests come from the mirror's tree listing: sha256 for LFS files, the git blob sha1
-for plain files. A ``MANIFEST.sha256`` in the repository, if present, adds sha256s.
+Requests: one tree listing (``GET /api/models/<repo>/tree/<rev>?recursive=true``),
+then per file a ``HEAD`` and a ``GET`` of ``/<repo>/resolve/<rev>/<path>``.
+
+Digests, as an olah mirror (a git repository per model) gives them in the listing:
+
+- a file stored as a git LFS pointer (objects under ``.git/lfs/objects``): the LFS
+  ``oid``, the sha256 of the bytes, as the public hub gives for its LFS files;
+- a plain git file: its git blob id, ``sha1("blob <size>\\0" + bytes)`` (``git-sha1``);
+- a ``MANIFEST.sha256`` committed in the repository replaces the digest of every file
+  it names with its sha256 (and is itself checked by its blob id).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from deployments.errors import ModelPreparationError
+from deployments.errors import ConfigError, ModelPreparationError
 from deployments.weights.cache import Progress, RemoteFile
-from deployments.weights.integrity import MANIFEST_NAME, Digest, parse_manifest
+from deployments.weights.integrity import MANIFEST_NAME, Digest, parse_manifest, verify_file
 from deployments.weights.sources import Source
+
+ENDPOINT_ENV = "HF_ENDPOINT"
+_PUBLIC_HOSTS = ("huggingface.co", "hf.co")
+
+
+def mirror_endpoint(environ: Mapping[str, str] | None = None) -> str:
+    """The mirror URL from ``HF_ENDPOINT``; ConfigError if unset or the public hub."""
+    env = os.environ if environ is None else environ
+    endpoint = env.get(ENDPOINT_ENV, "").strip().rstrip("/")
+    host = (urlsplit(endpoint).hostname or "").lower()
+    if not host:
+        raise ConfigError(
+            f"hf:// sources are fetched from a hub mirror: set {ENDPOINT_ENV} to its URL "
+            "(e.g. http://olah.internal:8090); the public hub is never contacted"
+        )
+    if any(host == public or host.endswith(f".{public}") for public in _PUBLIC_HOSTS):
+        raise ConfigError(
+            f"{ENDPOINT_ENV}={endpoint} is the public hub; hf:// sources are fetched "
+            "from a mirror only"
+        )
+    return endpoint
 
 
 def _reason(exc: Exception) -> str:
-    # huggingface_hub's messages name URLs and status, never the token.
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    # huggingface_hub's first lines carry the status and the URL, never the token.
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {' '.join(lines[:2])}"
 
 
 def _digest(entry: Any) -> Digest | None:
@@ -38,26 +74,33 @@ def _digest(entry: Any) -> Digest | None:
 
 
 class HFStore:
-    """A ``WeightStore`` over one ``hf://org/name@revision`` on the configured endpoint."""
+    """A ``WeightStore`` over one ``hf://org/name@revision`` on the ``HF_ENDPOINT`` mirror."""
 
     def __init__(self, source: Source):
         from huggingface_hub import HfApi
 
+        self._endpoint = mirror_endpoint()
         self._repo, self._revision = source.location, source.revision
-        self._api = HfApi()
+        self._api = HfApi(endpoint=self._endpoint)
         self.description = str(source)
 
     def _download(self, name: str, folder: Path) -> Path:
         from huggingface_hub import hf_hub_download
 
         try:
-            return Path(
-                hf_hub_download(self._repo, name, revision=self._revision, local_dir=folder)
+            path = hf_hub_download(
+                self._repo,
+                name,
+                revision=self._revision,
+                local_dir=folder,
+                endpoint=self._endpoint,
             )
         except Exception as exc:  # hub client errors are many types (HTTP, offline, ...)
             raise ModelPreparationError(
-                f"{self.description}: downloading {name} failed: {_reason(exc)}"
-            ) from None
+                f"{self.description}: downloading {name} from {self._endpoint} failed: "
+                f"{_reason(exc)}"
+            ) from exc
+        return Path(path)
 
     def list_files(self) -> list[RemoteFile]:
         try:
@@ -69,11 +112,17 @@ class HFStore:
                 if hasattr(e, "size")
             ]
         except Exception as exc:  # hub client errors are many types (HTTP, offline, ...)
-            raise ModelPreparationError(f"{self.description}: cannot list: {_reason(exc)}") from None
+            raise ModelPreparationError(
+                f"{self.description}: cannot list it on the mirror {self._endpoint} "
+                f"(is the repository there at that revision?): {_reason(exc)}"
+            ) from exc
         files = {e.path: RemoteFile(e.path, int(e.size), _digest(e)) for e in entries}
         if MANIFEST_NAME in files:
             with tempfile.TemporaryDirectory() as scratch:
-                text = self._download(MANIFEST_NAME, Path(scratch)).read_text()
+                manifest = self._download(MANIFEST_NAME, Path(scratch))
+                if (listed := files[MANIFEST_NAME].digest) is not None:
+                    verify_file(manifest, listed, f"{self.description}/{MANIFEST_NAME}")
+                text = manifest.read_text()
             for name, digest in parse_manifest(text).items():
                 if name in files:
                     files[name] = RemoteFile(name, files[name].size, digest)

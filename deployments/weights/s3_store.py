@@ -101,6 +101,7 @@ class S3Store:
         ]
 
     def fetch(self, file: RemoteFile, dest: Path, progress: Progress) -> None:
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -111,25 +112,34 @@ class S3Store:
                 Callback=progress.advance,
                 Config=_transfer_config(),
             )
-        except (BotoCoreError, ClientError) as exc:
+        except (BotoCoreError, ClientError, Boto3Error) as exc:
             raise ModelPreparationError(
                 f"{self.description}: downloading {file.name} failed: {_reason(exc)}"
             ) from None
 
     def push(self, folder: Path, on_bytes: Callable[[int], None] | None = None) -> list[str]:
         """Upload every file under ``folder``, then the manifest; returns the names."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
         names = sorted(
             str(p.relative_to(folder))
             for p in folder.rglob("*")
             if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST_NAME
         )
         manifest = write_manifest(folder, names)
-        for name in names:
-            self._client.upload_file(
-                str(folder / name), self._bucket, self._key(name),
-                Callback=on_bytes, Config=_transfer_config(),
-            )  # fmt: skip
-        self._client.put_object(
-            Bucket=self._bucket, Key=self._key(MANIFEST_NAME), Body=manifest.encode()
-        )
+        try:
+            for name in names:
+                self._client.upload_file(
+                    str(folder / name), self._bucket, self._key(name),
+                    Callback=on_bytes, Config=_transfer_config(),
+                )  # fmt: skip
+            self._client.put_object(
+                Bucket=self._bucket, Key=self._key(MANIFEST_NAME), Body=manifest.encode()
+            )
+        except (BotoCoreError, ClientError, Boto3Error) as exc:
+            # upload_file wraps a failed request in boto3's S3UploadFailedError.
+            raise ModelPreparationError(
+                f"{self.description}: push failed: {_reason(exc)}"
+            ) from None
         return names

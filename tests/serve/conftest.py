@@ -87,15 +87,32 @@ def _stage_weights(tmp: Path) -> WeightServers:
     return WeightServers(s3=s3, mirror=start_mirror(mirrors, tmp / "mirror"), commit=commit)
 
 
+# Loaded at start (the fixture waits for them), then scaled to zero when idle: the
+# node has no memory for them beside the scaling test's extra replica, and their own
+# tests then start them again from zero through the router.
+SCALE_TO_ZERO = {
+    "min_replicas": 0,
+    "initial_replicas": 1,
+    "max_replicas": 1,
+    "upscale_delay_s": 0,
+    "downscale_delay_s": 5,
+    "look_back_period_s": 5,
+}
+
+
 def _remote_models(commit: str) -> list[dict[str, Any]]:
     def model(model_id: str, source: str, **env: str) -> dict[str, Any]:
         return {
             "id": model_id,
             "source": source,
-            "engine_args": {"max_model_len": 2048, "max_num_seqs": 8},
+            "engine_args": {
+                "max_model_len": 2048,
+                "max_num_seqs": 8,
+                "kv_cache_memory_bytes": 128 << 20,
+            },
             "resources": {"num_cpus": 0.1},
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-            "env": {"VLLM_CPU_KVCACHE_SPACE": "1", **env},
+            "autoscaling": SCALE_TO_ZERO,
+            "env": env,
         }
 
     return [
