@@ -22,6 +22,19 @@ def vllm_engine_factory(model: ModelConfig, path: Path) -> LLMEngine:
     return VLLMEngine(model, path)
 
 
+def _log_through_serve() -> None:
+    """Send our modules' INFO logs (download progress, conversion) to the replica log.
+
+    In a replica only Ray's loggers have handlers; ours would fall to Python's
+    WARNING-only last resort. Ray Serve's logger adds the replica's context and honours
+    its JSON/log-level settings.
+    """
+    ours = logging.getLogger("deployments")
+    ours.setLevel(logging.INFO)
+    ours.handlers = list(logging.getLogger("ray.serve").handlers)
+    ours.propagate = False
+
+
 class ModelDeployment:
     """Loads the model's weights, starts its engine and serves the engine contract.
 
@@ -34,6 +47,7 @@ class ModelDeployment:
     async def __init__(  # type: ignore[misc]
         self, model: ModelConfig, engine_factory: EngineFactory | None = None
     ):
+        _log_through_serve()
         self._model = model
         path = resolve_weights(model)
         self._engine = (engine_factory or vllm_engine_factory)(model, path)

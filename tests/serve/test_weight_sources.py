@@ -8,7 +8,15 @@ import time
 import openai
 import pytest
 
-from tests.serve.conftest import APP, CHAT_MODEL, HF_MODEL, S3_MODEL, UNREACHABLE_MODEL, Fleet
+from tests.serve.conftest import (
+    APP,
+    CHAT_MODEL,
+    HF_MODEL,
+    S3_MODEL,
+    UNREACHABLE_MODEL,
+    WEIGHTS_BUCKET,
+    Fleet,
+)
 from tests.weights.s3server import SECRET_ACCESS_KEY
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -33,6 +41,15 @@ def test_remote_weights_answer_like_the_local_model(client: openai.OpenAI, remot
     local = _answer(client, CHAT_MODEL)
     assert "Paris" in local
     assert _answer(client, remote) == local
+
+
+def test_replica_logged_its_download_progress(fleet: Fleet) -> None:
+    progress = [
+        line
+        for line in fleet.log.read_text(errors="replace").splitlines()
+        if f"s3://{WEIGHTS_BUCKET}/smollm2:" in line and "MB/s" in line and "ETA" in line
+    ]
+    assert progress, "no download progress line from the S3 model's replica"
 
 
 @pytest.mark.usefixtures("ray_driver")
