@@ -10,7 +10,7 @@ machine that reaches no model hub:
 vLLM does not serve these GGUF files well on CPU, so :func:`prepare` dequantizes each
 one with transformers once into a float32 safetensors folder in the model store
 (``~/.cache/llm-fleet/models/<id>``, or ``$LLM_FLEET_MODEL_STORE/<id>``). Conversion
-writes to a temporary folder and renames it into place under a file lock, so
+goes through ``build_once`` (a file lock, a temporary folder, an atomic rename), so
 concurrent replicas convert once and an interrupted conversion is never used.
 """
 
@@ -21,14 +21,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
+from deployments.build_once import build_once
 from deployments.errors import ModelPreparationError
 
 logger = logging.getLogger(__name__)
@@ -204,27 +202,19 @@ def prepare(model_id: str, store: Path | None = None) -> Path:
         known = ", ".join(sorted(EMBEDDED_MODELS))
         raise ModelPreparationError(f"unknown embedded model {model_id!r}; known: {known}")
     root = model_store_dir() if store is None else store
-    target = root / model_id
-    if is_prepared(target):
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{model_id}.lock")):
-        if is_prepared(target):
-            return target
-        logger.info("converting embedded model %s into %s", model_id, target)
-        with tempfile.TemporaryDirectory(dir=root, prefix=f".{model_id}.tmp-") as tmp:
-            work = Path(tmp)
-            out = work / "model"
-            gguf, source_sha = _gguf_for(model, work)
+
+    def build(out: Path) -> None:
+        logger.info("converting embedded model %s into %s", model_id, root / model_id)
+        # Named like build_once's temporaries, so a killed run's leftovers are swept.
+        with tempfile.TemporaryDirectory(dir=root, prefix=f".{model_id}.tmp-gguf-") as tmp:
+            gguf, source_sha = _gguf_for(model, Path(tmp))
             try:
                 convert_gguf(gguf, out, add_bos=model.add_bos)
             except Exception as exc:  # transformers/gguf raise many types; one error out
                 raise ModelPreparationError(
                     f"converting {model_id} from {gguf.name} failed: {exc}"
                 ) from exc
-            marker = {"id": model_id, "source_sha256": source_sha, "format_version": FORMAT_VERSION}
-            (out / MARKER_FILE).write_text(json.dumps(marker))
-            if target.exists():
-                shutil.rmtree(target)
-            out.rename(target)
-    return target
+        marker = {"id": model_id, "source_sha256": source_sha, "format_version": FORMAT_VERSION}
+        (out / MARKER_FILE).write_text(json.dumps(marker))
+
+    return build_once(root, model_id, is_prepared, build)

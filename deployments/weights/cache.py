@@ -1,15 +1,10 @@
 """The node-local weight cache: one verified copy per source and revision per node.
 
-``fetch_to_cache`` is what every replica calls before its engine starts:
-
-1. A complete cache folder (``<root>/<key>`` with its marker) is used as is; it only
-   ever appears through an atomic rename of a fully downloaded and verified folder.
-2. Otherwise it takes ``<root>/.<key>.lock``: replicas of one model starting together
-   on one node wait on it, and the first one downloads; the others then find step 1.
-3. Under the lock, temporary folders of that key are a crashed or killed earlier
-   download: they are deleted, never reused, and the download starts over.
-4. Files go to ``<root>/.<key>.tmp-<pid>``; each is checked against its digest as it
-   lands; then the marker is written and the folder renamed into place.
+``fetch_to_cache`` is what every replica calls before its engine starts. It is
+``deployments.build_once`` (one builder per node under a file lock, a temporary folder
+renamed into place, leftovers of a killed download deleted, never reused) around a
+download in which each file is checked against its digest as it lands, and the
+``.llm-fleet-complete.json`` marker is written last.
 
 The cache root is ``$LLM_FLEET_WEIGHT_CACHE`` or ``~/.cache/llm-fleet/weights``.
 """
@@ -19,15 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from filelock import FileLock
-
+from deployments.build_once import build_once
 from deployments.errors import ModelPreparationError
 from deployments.weights.integrity import Digest, check_file_types, is_pickle, verify_file
 
@@ -142,26 +135,10 @@ def fetch_to_cache(
     progress_factory: ProgressFactory = Progress,
 ) -> Path:
     """Return the verified local folder for ``store``, downloading it at most once."""
-    root = cache_root() if root is None else root
-    target = root / key
-    if is_complete(target):
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{key}.lock")):
-        if is_complete(target):
-            return target
-        for stale in root.glob(f".{key}.tmp-*"):
-            logger.warning("removing an interrupted download: %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        files = _select(store.list_files(), policy, store.description)
-        tmp = root / f".{key}.tmp-{os.getpid()}"
-        tmp.mkdir()
-        try:
-            _download(store, files, tmp, progress_factory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    return target
+
+    def download(tmp: Path) -> None:
+        _download(
+            store, _select(store.list_files(), policy, store.description), tmp, progress_factory
+        )
+
+    return build_once(cache_root() if root is None else root, key, is_complete, download)

@@ -164,7 +164,7 @@ def test_models_prepare_prints_the_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def fake_convert(gguf: Path, out: Path, *, add_bos: bool) -> None:
-        out.mkdir()
+        out.mkdir(exist_ok=True)  # save_pretrained accepts an existing folder
         (out / "config.json").write_text("{}")
 
     monkeypatch.setenv(embedded.MODEL_STORE_ENV, str(tmp_path))

@@ -64,7 +64,7 @@ class FakeConverter:
 
     def __call__(self, gguf: Path, out: Path, *, add_bos: bool) -> None:
         self.calls.append(gguf)
-        out.mkdir()
+        out.mkdir(exist_ok=True)  # save_pretrained accepts an existing folder
         (out / "model.safetensors").write_bytes(b"half written")
         time.sleep(self.delay_s)
         if self.fail:

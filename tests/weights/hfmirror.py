@@ -36,6 +36,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.weights.processes import stop_process
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OLAH_CLI_ENV = "LLM_FLEET_OLAH_CLI"
 
@@ -169,13 +171,7 @@ class Mirror:
         return sum(substring in line for line in self.requests())
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
 
 
 # Straight to loopback, whatever proxy the environment names.

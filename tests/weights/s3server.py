@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tests.weights.processes import stop_process
+
 # Distinctive, so a test can assert it never shows up in an error message.
 ACCESS_KEY_ID = "LLMFLEETTESTKEY"
 SECRET_ACCESS_KEY = "llm-fleet-test-secret-Zq7vX3kP9wR2"
@@ -112,13 +114,7 @@ class S3Server:
         return sum(1 for r in self.all_requests() if r.method == method and r.path == path)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         self._log.close()
 
 
