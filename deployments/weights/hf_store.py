@@ -57,6 +57,12 @@ def mirror_endpoint(environ: Mapping[str, str] | None = None) -> str:
     return endpoint
 
 
+def _offline(environ: Mapping[str, str] | None = None) -> bool:
+    # Read per call, as huggingface_hub's own constant is frozen at its import.
+    env = os.environ if environ is None else environ
+    return env.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def _reason(exc: Exception) -> str:
     # huggingface_hub's first lines carry the status and the URL, never the token.
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -77,16 +83,31 @@ class HFStore:
     """A ``WeightStore`` over one ``hf://org/name@revision`` on the ``HF_ENDPOINT`` mirror."""
 
     def __init__(self, source: Source):
-        from huggingface_hub import HfApi
-
-        self._endpoint = mirror_endpoint()
         self._repo, self._revision = source.location, source.revision
-        self._api = HfApi(endpoint=self._endpoint)
         self.description = str(source)
+        self._api: Any = None
+        self._endpoint = ""
+
+    def _connect(self) -> Any:
+        """The hub client, made on first use: only a cache miss ever reaches the mirror,
+        so a node with the model cached loads it offline, with no endpoint set."""
+        if self._api is None:
+            from huggingface_hub import HfApi
+
+            if _offline():
+                raise ModelPreparationError(
+                    f"{self.description}: HF_HUB_OFFLINE is set and this revision is not in "
+                    "the node cache; pull it while the mirror is reachable "
+                    "(llm-fleet weights pull) or unset HF_HUB_OFFLINE"
+                )
+            self._endpoint = mirror_endpoint()
+            self._api = HfApi(endpoint=self._endpoint)
+        return self._api
 
     def _download(self, name: str, folder: Path) -> Path:
         from huggingface_hub import hf_hub_download
 
+        self._connect()
         try:
             path = hf_hub_download(
                 self._repo,
@@ -103,12 +124,11 @@ class HFStore:
         return Path(path)
 
     def list_files(self) -> list[RemoteFile]:
+        api = self._connect()  # its ConfigError / offline error pass through as they are
         try:
             entries = [
                 e
-                for e in self._api.list_repo_tree(
-                    self._repo, recursive=True, revision=self._revision
-                )
+                for e in api.list_repo_tree(self._repo, recursive=True, revision=self._revision)
                 if hasattr(e, "size")
             ]
         except Exception as exc:  # hub client errors are many types (HTTP, offline, ...)

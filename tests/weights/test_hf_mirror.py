@@ -238,7 +238,31 @@ def test_store_refuses_to_use_the_public_hub(
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
 
     with pytest.raises(ConfigError, match="HF_ENDPOINT"):
-        HFStore(parse_source(f"hf://tests/anything@{'a' * 40}"))
+        HFStore(parse_source(f"hf://tests/anything@{'a' * 40}")).list_files()
+
+
+def test_offline_node_loads_its_cached_copy_without_the_mirror(
+    hf_mirror: Mirror, mirror_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = publish(hf_mirror, write_model(tmp_path / "model"))
+    first = fetch(source)
+    served = hf_mirror.request_count(f"/{source.location}/")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_ENDPOINT")
+
+    assert fetch(source) == first
+    assert hf_mirror.request_count(f"/{source.location}/") == served
+
+
+def test_offline_node_without_the_revision_fails_naming_hf_hub_offline(
+    hf_mirror: Mirror, mirror_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = publish(hf_mirror, write_model(tmp_path / "model"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    with pytest.raises(ModelPreparationError, match="HF_HUB_OFFLINE is set"):
+        fetch(source)
+    assert hf_mirror.request_count(f"/{source.location}/") == 0
 
 
 def test_cli_pull_prints_the_cache_folder_and_stays_on_the_mirror(
