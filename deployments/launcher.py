@@ -5,19 +5,21 @@ Ray cluster down only on a SIGINT sent to its own process. A terminal's Ctrl-C g
 the whole process group and leaves Ray and vLLM engine processes behind, and SIGTERM
 is ignored. So ``serve run`` runs in its own session with SIGINT at its default, and
 a SIGINT or SIGTERM to the launcher becomes one SIGINT to ``serve run``; a second one
-kills it and runs ``ray stop --force``. :func:`stop` (tests, benchmarks) does the same
-after ``STOP_TIMEOUT_S``.
+kills ``serve run`` and every process under it (Ray's raylet, GCS, workers, engines),
+and nothing else: never ``ray stop``, which would take other clusters on the machine
+down too. :func:`stop` (tests, benchmarks) does the same after ``STOP_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
+
+import psutil
 
 STOP_TIMEOUT_S = 60.0
 
@@ -35,10 +37,21 @@ def stop(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> i
         process.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             return process.wait(timeout=timeout)
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        subprocess.run([_bin("ray"), "stop", "--force"], check=False, capture_output=True)
+    kill_tree(process.pid)
     return process.wait()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants, found before any of them dies (Ray's
+    workers and vLLM's engine cores are children of the raylet and of the replicas)."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 def _reset_sigint() -> None:
@@ -62,7 +75,7 @@ def serve_foreground(config: str) -> int:
     """Run until ``serve run`` exits or the launcher is told to stop.
 
     First SIGINT/SIGTERM: one SIGINT to ``serve run``, which stops Serve, the engines
-    and the local cluster. A second one: kill it, then ``ray stop --force``. The
+    and the local cluster. A second one: kill it and everything under it. The
     handlers never wait on the child themselves (the main thread already does).
     """
     process: subprocess.Popen[bytes] | None = None
@@ -77,15 +90,13 @@ def serve_foreground(config: str) -> int:
             print("llm-fleet: stopping Serve, engines and the local Ray cluster...", flush=True)
             process.send_signal(signal.SIGINT)
         else:
-            print("llm-fleet: killing serve run", flush=True)
-            os.killpg(process.pid, signal.SIGKILL)
+            print("llm-fleet: killing serve run and everything it started", flush=True)
+            kill_tree(process.pid)
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     process = start(config)
     code = process.wait()
-    if code == -signal.SIGKILL:
-        subprocess.run([_bin("ray"), "stop", "--force"], check=False, capture_output=True)
     return 0 if signals else code
 
 

@@ -165,7 +165,9 @@ def _wait_ready(base_url: str, process: Any, log: Path) -> None:
         time.sleep(2)
 
 
-@pytest.fixture(scope="session")
+# Package scope: the fleet (about 15 GB here) is stopped as soon as the last serve
+# test is done, not at the end of the whole run.
+@pytest.fixture(scope="package")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("fleet")
     port = _free_port()
@@ -196,7 +198,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         servers.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_driver(fleet: Fleet) -> Iterator[None]:
     """This test process as a second driver on the fleet's cluster (handles, status)."""
     import ray

@@ -32,7 +32,19 @@ def test_child_stops_on_sigint_even_if_the_parent_ignored_it() -> None:
     assert time.monotonic() - began < 5
 
 
-def test_stop_with_no_grace_kills_the_whole_session() -> None:
-    process = launcher.start("unused", command=SLEEPER, stdout=subprocess.PIPE)
-    assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+GRANDPARENT = [
+    sys.executable,
+    "-c",
+    "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+    "'import time; time.sleep(60)']); print(child.pid, flush=True); time.sleep(60)",
+]
+
+
+def test_stop_with_no_grace_kills_the_child_and_what_it_started() -> None:
+    import psutil
+
+    process = launcher.start("unused", command=GRANDPARENT, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    grandchild = psutil.Process(int(process.stdout.readline()))
     assert launcher.stop(process, timeout=0) == -signal.SIGKILL
+    grandchild.wait(timeout=5)  # gone, not orphaned: raises TimeoutExpired otherwise
