@@ -7,7 +7,7 @@ is an error that names its path, not a silently ignored setting.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -111,6 +111,28 @@ class TokenLimits(StrictModel):
         return self
 
 
+class UnavailablePolicy(StrictModel):
+    """What a request gets while its model has no ready replica.
+
+    That is while the model downloads or loads, while it is scaled to zero, and after
+    it failed to start. Either way a request for a model scaled to zero asks Ray Serve
+    for a replica, so the model comes back.
+    """
+
+    action: Literal["reject", "queue"] = Field(
+        "reject",
+        description="'reject': answer 503 with Retry-After at once. 'queue': hold the request "
+        "until a replica is ready, at most queue_timeout_s, then 503. A model that failed "
+        "to start is answered 503 at once either way.",
+    )
+    retry_after_s: int = Field(
+        15, ge=1, description="The Retry-After (seconds) sent with those 503 answers."
+    )
+    queue_timeout_s: float = Field(
+        300.0, gt=0, description="With action 'queue': the longest a request waits for a replica."
+    )
+
+
 class ModelConfig(StrictModel):
     """One served model: its weights, engine, replicas and limits."""
 
@@ -151,6 +173,10 @@ class ModelConfig(StrictModel):
     )
     health_check_timeout_s: float = Field(
         30.0, gt=0, description="A health check slower than this marks the replica unhealthy."
+    )
+    unavailable: UnavailablePolicy = Field(
+        default_factory=UnavailablePolicy,
+        description="Requests while the model has no ready replica: reject (503) or queue.",
     )
     allow_pickle: bool = Field(
         False,
@@ -227,6 +253,18 @@ class RouterConfig(StrictModel):
     )
     max_request_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger gets 413."
+    )
+    status_poll_interval_s: float = Field(
+        1.0,
+        gt=0,
+        le=30,
+        description="How often each router replica reads the models' state (Ray Serve's "
+        "replica states and the replicas' load phases) for /health, gating and metrics.",
+    )
+    expose_metrics: bool = Field(
+        True,
+        description="Serve GET /metrics on the gateway port: the Prometheus text of the node "
+        "the answering router replica runs on. Off: 404.",
     )
 
 

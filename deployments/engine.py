@@ -29,6 +29,9 @@ class Reply:
 
     status: int
     body: dict[str, Any] = field(default_factory=dict)
+    # Seconds the replica spent on it (its engine queue included); set by the
+    # deployment, read by the router for the Server-Timing header.
+    engine_s: float | None = None
 
     @property
     def ok(self) -> bool:

@@ -11,6 +11,7 @@
         │   └── TokenLimitError      400 max_tokens over a limit, or over the context
         ├── ModelNotFoundError       404 unknown or not-allowed model
         ├── ServiceUnavailableError  503 no replica can take the request now
+        │   └── ModelNotReadyError   503 the model is loading, scaled to zero or failed
         └── InternalServerError      500; its message never reaches the client
 
 Code below the routes raises these; ``router/errors.py`` converts an ``APIError`` to
@@ -38,6 +39,9 @@ class APIError(FleetError):
     status_code: int = 500
     error_type: str = "server_error"
     default_code: str | None = None
+    # Why the router refused a request before any engine saw it (a metric label):
+    # allowlist, limits, bad_request, overload or unavailable.
+    rejection: str | None = None
 
     def __init__(
         self,
@@ -46,6 +50,7 @@ class APIError(FleetError):
         code: str | None = None,
         param: str | None = None,
         status_code: int | None = None,
+        retry_after_s: int = 1,
     ):
         super().__init__(message)
         self.message = message
@@ -53,23 +58,34 @@ class APIError(FleetError):
         self.param = param
         if status_code is not None:
             self.status_code = status_code
+        self.retry_after_s = retry_after_s  # sent as Retry-After with 429 and 503
 
 
 class BadRequestError(APIError):
     status_code = 400
     error_type = "invalid_request_error"
+    rejection = "bad_request"
 
 
 class TokenLimitError(BadRequestError):
     """``max_tokens`` above the model's hard limit, or prompt + max_tokens over the context."""
 
     default_code = "max_tokens_exceeded"
+    rejection = "limits"
+
+
+class RequestTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+    rejection = "limits"
 
 
 class ModelNotFoundError(APIError):
     status_code = 404
     error_type = "invalid_request_error"
     default_code = "model_not_found"
+    rejection = "allowlist"
 
     def __init__(self, model: object):
         shown = model if isinstance(model, str) and len(model) <= 200 else "<invalid>"
@@ -83,6 +99,25 @@ class ServiceUnavailableError(APIError):
     status_code = 503
     error_type = "service_unavailable"
     default_code = "service_unavailable"
+    rejection = "overload"
+
+
+class ModelNotReadyError(ServiceUnavailableError):
+    """No replica of the model is ready: loading, scaled to zero, or failed to start."""
+
+    default_code = "model_not_ready"
+    rejection = "unavailable"
+
+    def __init__(self, model_id: str, state: str, retry_after_s: int):
+        why = {
+            "failed": "failed to start; operators: see /health/ready",
+            "idle": "is scaled to zero and starting",
+        }.get(state, f"is {state}")
+        super().__init__(
+            f"Model '{model_id}' {why}; retry in {retry_after_s} s.",
+            param="model",
+            retry_after_s=retry_after_s,
+        )
 
 
 class InternalServerError(APIError):

@@ -104,6 +104,25 @@ def _enforce_context_length(serving: Any, render_name: str, max_model_len: int) 
     setattr(serving, render_name, render_checked)
 
 
+def _ray_stat_loggers() -> list[Any] | None:
+    """vLLM's own metrics, exported the Ray way when inside a Serve replica.
+
+    ``RayPrometheusStatLogger`` records vLLM's Prometheus metrics (running/waiting
+    requests, KV cache usage, prefix cache hits, TTFT, ITL, tokens) as Ray metrics
+    tagged with the Serve ``ReplicaId``, so each node's metrics port serves them and a
+    cluster scrape counts each engine once. Outside Serve, vLLM's default logger stays.
+    """
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return None
+    return [RayPrometheusStatLogger]
+
+
 class VLLMEngine:
     """An ``LLMEngine`` backed by vLLM; see ``deployments/engine.py`` for the contract."""
 
@@ -133,6 +152,7 @@ class VLLMEngine:
         self._client = AsyncLLM.from_vllm_config(
             vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=_ray_stat_loggers(),
             disable_log_stats=bool(kwargs.get("disable_log_stats", False)),
         )
         args = argparse.Namespace(**(vars(FrontendArgs()) | vars(engine_args)))

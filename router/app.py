@@ -11,8 +11,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,16 +27,24 @@ from deployments.errors import (
     BadRequestError,
     InternalServerError,
     ModelNotFoundError,
+    RequestTooLargeError,
     api_error_from_status,
 )
+from router.accounting import RequestRecord, log_request
 from router.errors import error_frame, error_response
+from router.health import add_health_routes, admit
 from router.limits import apply_token_limits
+from router.metrics import NoMetrics, RouterMetrics
 from router.model_client import ModelClient
+from router.model_status import AlwaysReady, ModelStatusSource
 from router.protocol import parse_request
 from router.request_id import RequestIdMiddleware, request_id_of
-from router.sse import DONE_FRAME, SSE_HEADERS
+from router.sse import DONE_FRAME, SSE_HEADERS, UsageTap, ask_for_usage
+
+MetricsText = Callable[[], Awaitable[str]]
 
 logger = logging.getLogger("llm_fleet.router")
+T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
@@ -46,18 +54,12 @@ class ClientDisconnected(Exception):
 async def _read_json(request: Request, max_bytes: int) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(
-            f"Request body exceeds {max_bytes} bytes.", status_code=413, code="request_too_large"
-        )
+        raise RequestTooLargeError(f"Request body exceeds {max_bytes} bytes.")
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > max_bytes:
-            raise APIError(
-                f"Request body exceeds {max_bytes} bytes.",
-                status_code=413,
-                code="request_too_large",
-            )
+            raise RequestTooLargeError(f"Request body exceeds {max_bytes} bytes.")
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -71,56 +73,99 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def _first_item(request: Request, stream: AsyncIterator[str | Reply]) -> str | Reply:
-    """The stream's first item, or ClientDisconnected if the client leaves first.
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or ClientDisconnected (``work`` cancelled) if the client leaves first.
 
-    A non-streamed answer is one item, so this watch covers its whole generation.
+    Used for a stream's first item (a non-streamed answer is one item, so the watch
+    covers its whole generation) and for a request queued for a loading model.
     """
-    first = asyncio.ensure_future(anext(stream))
+    task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        done, _ = await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if first in done:
-        return first.result()
-    first.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
     with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-        await first
+        await task
     raise ClientDisconnected
 
 
 async def _relay(
-    first: str, stream: AsyncIterator[str | Reply], request_id: str
+    first: str,
+    stream: AsyncIterator[str | Reply],
+    record: RequestRecord,
+    tap: UsageTap,
+    finish: Callable[[RequestRecord], None],
 ) -> AsyncIterator[str]:
-    """Relay frames as they come; an error after the first frame becomes an SSE error frame."""
-    try:
+    """Relay frames as they come; an error after the first frame becomes an SSE error frame.
+
+    The usage chunk the router asked for is read and dropped unless the client asked
+    too. A client that leaves cancels this generator (the engine call is cancelled,
+    which aborts the generation) or makes its next send fail (that frame counts as
+    sent after the disconnect).
+    """
+
+    async def frames() -> AsyncIterator[str]:
         yield first
         async for item in stream:
             if isinstance(item, str):
                 yield item
+
+    try:
+        async for frame in frames():
+            relayed = tap.frame(frame, record)
+            if relayed is not None:
+                yield relayed
     except APIError as err:
-        yield error_frame(err, request_id)
+        record.failed(err)
+        yield error_frame(err, record.request_id)
         yield DONE_FRAME
+    except GeneratorExit:
+        record.disconnected, record.status, record.tokens_after_disconnect = True, 499, 1
+        raise
+    except asyncio.CancelledError:
+        record.disconnected, record.status = True, 499
+        raise
     except Exception:
-        logger.exception("stream %s failed", request_id)
-        yield error_frame(InternalServerError("stream failed"), request_id)
+        logger.exception("stream %s failed", record.request_id)
+        record.status = 500
+        yield error_frame(InternalServerError("stream failed"), record.request_id)
         yield DONE_FRAME
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
+        finish(record)
 
 
 def create_app(
-    config: FleetConfig, clients: Mapping[str, ModelClient], *, echo_request_id: bool = True
+    config: FleetConfig,
+    clients: Mapping[str, ModelClient],
+    *,
+    status: ModelStatusSource | None = None,
+    metrics: RouterMetrics | None = None,
+    metrics_text: MetricsText | None = None,
+    echo_request_id: bool = True,
 ) -> FastAPI:
     """The gateway for ``config``'s models; ``clients`` has one entry per allowed model.
 
-    ``echo_request_id=False`` behind Ray Serve's proxy, which echoes X-Request-Id itself.
+    ``status`` gates requests on model readiness and feeds /health (default: every
+    model counts as ready); ``metrics`` records each request; ``metrics_text`` gives
+    the Prometheus text served at /metrics (none: 404). ``echo_request_id=False``
+    behind Ray Serve's proxy, which echoes X-Request-Id itself.
     """
     models: dict[str, ModelConfig] = {m.id: m for m in config.models if m.id in clients}
+    source = status or AlwaysReady()
+    recorder = metrics or NoMetrics()
     created = int(time.time())
     max_bytes = config.router.max_request_bytes
     app = FastAPI(title="llm-fleet", docs_url=None, redoc_url=None)
+
+    def finish(record: RequestRecord) -> None:
+        record.finish()
+        recorder.request_finished(record)
+        log_request(record)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
@@ -151,7 +196,16 @@ def create_app(
         return response
 
     def _model_card(model_id: str) -> dict[str, Any]:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "llm-fleet"}
+        card: dict[str, Any] = {
+            "id": model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "llm-fleet",
+        }
+        current = source.status(model_id)
+        if current is not None:
+            card["status"] = current.state  # an extra field; OpenAI clients ignore it
+        return card
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -163,33 +217,79 @@ def create_app(
             raise ModelNotFoundError(model_id)
         return _model_card(model_id)
 
-    async def serve(route: Route, request: Request) -> Response:
-        request_id = request_id_of(request.scope)
+    add_health_routes(app, models, source)
+
+    if metrics_text is not None and config.router.expose_metrics:
+        scrape = metrics_text
+
+        @app.get("/metrics")
+        async def prometheus_metrics() -> Response:
+            return Response(await scrape(), media_type="text/plain; version=0.0.4")
+
+    async def dispatch(
+        route: Route, request: Request, record: RequestRecord
+    ) -> tuple[Response, bool]:
+        """The response, and whether its record is already finished (a stream finishes
+        its own record when it ends)."""
         body = await _read_json(request, max_bytes)
         parsed = parse_request(route, body)
         model = models.get(parsed.model)
         if model is None:
             raise ModelNotFoundError(parsed.model)
+        record.model, record.stream = model.id, bool(parsed.stream)
         body = apply_token_limits(route, body, model.limits)
-        stream = clients[model.id].stream(route, body, request_id)
+        await _unless_disconnected(request, admit(model, source))
+        body, drop_usage = ask_for_usage(body)
+        record.dispatched()
+        recorder.request_dispatched(record)
+        stream = clients[model.id].stream(route, body, record.request_id)
         try:
-            first = await _first_item(request, stream)
-        except ClientDisconnected:
-            logger.info("request %s: client disconnected before the answer", request_id)
-            return Response(status_code=499)
+            first = await _unless_disconnected(request, anext(stream))
         except StopAsyncIteration:
             raise InternalServerError(f"model {model.id} returned nothing") from None
+        record.replied_at = time.perf_counter()
         if isinstance(first, Reply):
             await stream.aclose()  # type: ignore[attr-defined]
-            if first.ok:
-                return JSONResponse(first.body, status_code=first.status)
-            error = first.body.get("error", {})
-            raise api_error_from_status(
-                first.status, str(error.get("message", "request failed")), param=error.get("param")
-            )
-        return StreamingResponse(
-            _relay(first, stream, request_id), media_type="text/event-stream", headers=SSE_HEADERS
-        )
+            record.engine_s = first.engine_s
+            if not first.ok:
+                error = first.body.get("error", {})
+                raise api_error_from_status(
+                    first.status,
+                    str(error.get("message", "request failed")),
+                    param=error.get("param"),
+                )
+            record.usage(first.body.get("usage"))
+            headers = {"Server-Timing": record.server_timing()}
+            return JSONResponse(first.body, status_code=first.status, headers=headers), False
+        relay = _relay(first, stream, record, UsageTap(drop_usage), finish)
+        response = StreamingResponse(relay, media_type="text/event-stream", headers=SSE_HEADERS)
+        return response, True
+
+    async def serve(route: Route, request: Request) -> Response:
+        record = RequestRecord(request_id=request_id_of(request.scope), endpoint=route)
+        try:
+            response, streaming = await dispatch(route, request, record)
+        except ClientDisconnected:
+            logger.info("request %s: client disconnected before the answer", record.request_id)
+            record.disconnected, record.status = True, 499
+            finish(record)
+            return Response(status_code=499)
+        except APIError as err:
+            record.failed(err)
+            finish(record)
+            if record.engine_s is not None:
+                response = error_response(err, record.request_id)
+                response.headers["Server-Timing"] = record.server_timing()
+                return response
+            raise
+        except Exception:
+            record.status = 500
+            finish(record)
+            raise
+        if not streaming:
+            record.status = response.status_code
+            finish(record)
+        return response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

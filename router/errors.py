@@ -33,7 +33,7 @@ def _body(err: APIError, request_id: str) -> dict[str, Any]:
 
 def error_response(err: APIError, request_id: str) -> JSONResponse:
     """The HTTP response for ``err``; 429 and 503 say when to retry."""
-    headers = {"Retry-After": "1"} if err.status_code in (429, 503) else {}
+    headers = {"Retry-After": str(err.retry_after_s)} if err.status_code in (429, 503) else {}
     return JSONResponse(_body(err, request_id), status_code=err.status_code, headers=headers)
 
 

@@ -8,8 +8,12 @@ from fastapi import FastAPI
 from ray import serve
 
 from deployments.config import FleetConfig
+from deployments.serve_logging import log_through_serve
 from router.app import create_app
+from router.metrics import RayRouterMetrics
 from router.model_client import HandleModelClient
+from router.node_metrics import NodeMetrics
+from router.status_board import ServeStatusBoard
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -17,12 +21,35 @@ if TYPE_CHECKING:
 
 @serve.ingress()
 class RouterIngress:
-    """Builds the FastAPI app at replica start from the config and the model handles."""
+    """Builds the FastAPI app at replica start from the config and the model handles.
 
-    def __init__(self, config: FleetConfig, models: dict[str, DeploymentHandle[Any]]):
+    Before taking traffic it reads the models' state once, so the first request is
+    already gated on it; then a status board polls Ray Serve in the background.
+    """
+
+    async def __init__(  # type: ignore[misc]
+        self, config: FleetConfig, models: dict[str, DeploymentHandle[Any]]
+    ):
+        log_through_serve("llm_fleet")
         clients = {model_id: HandleModelClient(model_id, h) for model_id, h in models.items()}
+        metrics = RayRouterMetrics()
+        app_name = serve.get_replica_context().app_name
+        self._board = ServeStatusBoard(app_name, config, models, on_update=metrics.models_updated)
+        await self._board.start()
         # Serve's proxy echoes X-Request-Id on every response; echoing too would send it twice.
-        self._app = create_app(config, clients, echo_request_id=False)
+        self._app = create_app(
+            config,
+            clients,
+            status=self._board,
+            metrics=metrics,
+            metrics_text=NodeMetrics(),
+            echo_request_id=False,
+        )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
+
+    async def __del__(self) -> None:
+        board = getattr(self, "_board", None)
+        if board is not None:
+            await board.stop()

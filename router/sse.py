@@ -1,6 +1,11 @@
-"""Server-sent events as the OpenAI API frames them."""
+"""Server-sent events as the OpenAI API frames them, and the usage the router reads off them."""
 
 from __future__ import annotations
+
+import json
+from typing import Any
+
+from router.accounting import RequestRecord
 
 DONE_FRAME = "data: [DONE]\n\n"
 SSE_HEADERS = {
@@ -8,3 +13,40 @@ SSE_HEADERS = {
     # Stops nginx-style proxies in front of the gateway from buffering the stream.
     "X-Accel-Buffering": "no",
 }
+
+
+def ask_for_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A streaming body that makes the engine send its usage chunk.
+
+    Returns the body to send and whether the client did not ask for usage itself
+    (the router then drops that chunk after reading the token counts).
+    """
+    if not body.get("stream"):
+        return body, False
+    options = body.get("stream_options") or {}
+    if options.get("include_usage"):
+        return body, False
+    return {**body, "stream_options": {**options, "include_usage": True}}, True
+
+
+class UsageTap:
+    """Reads token counts off a stream and counts its content frames."""
+
+    def __init__(self, drop_usage_chunk: bool):
+        self._drop = drop_usage_chunk
+
+    def frame(self, frame: str, record: RequestRecord) -> str | None:
+        """The frame to relay (None: drop it), after noting what it says."""
+        if frame == DONE_FRAME:
+            return frame
+        if '"usage"' in frame:
+            try:
+                payload = json.loads(frame.removeprefix("data: "))
+            except ValueError:
+                payload = None
+            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+                record.usage(payload["usage"])
+                if payload.get("choices") == []:
+                    return None if self._drop else frame
+        record.frame()
+        return frame

@@ -1,0 +1,145 @@
+"""One record per inference request: its metrics, its log line and its Server-Timing.
+
+The router fills a :class:`RequestRecord` as the request goes (model, status, token
+counts, frame times) and finishes it exactly once, when the answer is sent, the
+stream ends or the client leaves. Finishing feeds the metrics (``router/metrics.py``)
+and writes the access log line.
+
+The access log line (logger ``llm_fleet.access``, one per request) carries the
+request id, model, endpoint, status, token counts and latencies, never prompt or
+completion text, nor headers. Inside Ray Serve it goes to the router replica's log
+with Serve's own fields; with the app's ``logging_config: {encoding: JSON}`` each line
+is one JSON object whose keys include these fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.engine import Route
+from deployments.errors import APIError
+
+access_logger = logging.getLogger("llm_fleet.access")
+UNKNOWN_MODEL = "unknown"
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    endpoint: Route
+    started: float = field(default_factory=time.perf_counter)
+    model: str = UNKNOWN_MODEL  # a configured id only: metric labels stay bounded
+    stream: bool = False
+    status: int = 200
+    error_code: str | None = None
+    rejection: str | None = None
+    dispatched_at: float | None = None
+    replied_at: float | None = None
+    first_frame_at: float | None = None
+    last_frame_at: float | None = None
+    frames: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    engine_s: float | None = None
+    disconnected: bool = False
+    tokens_after_disconnect: int = 0
+    finished_at: float | None = None
+
+    def dispatched(self) -> None:
+        self.dispatched_at = time.perf_counter()
+
+    def frame(self) -> None:
+        """A content frame reached the router (about one token with vLLM's streaming)."""
+        now = time.perf_counter()
+        if self.first_frame_at is None:
+            self.first_frame_at = now
+        self.last_frame_at = now
+        self.frames += 1
+
+    def failed(self, err: APIError) -> None:
+        self.status = err.status_code
+        self.error_code = err.code
+        if self.dispatched_at is None:
+            self.rejection = err.rejection
+
+    def usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            self.prompt_tokens = prompt if isinstance(prompt, int) else self.prompt_tokens
+            if isinstance(completion, int):
+                self.completion_tokens = completion
+
+    def finish(self) -> None:
+        self.finished_at = time.perf_counter()
+        if self.completion_tokens is None and self.frames:
+            # A stream cut short has no usage chunk: count what was relayed.
+            self.completion_tokens = self.frames
+
+    @property
+    def latency_s(self) -> float:
+        return (self.finished_at or time.perf_counter()) - self.started
+
+    @property
+    def ttft_s(self) -> float | None:
+        if not self.stream or self.first_frame_at is None:
+            return None
+        return self.first_frame_at - self.started
+
+    @property
+    def itl_s(self) -> float | None:
+        """Mean gap between frames of a stream (None with fewer than two)."""
+        if self.frames < 2 or self.first_frame_at is None or self.last_frame_at is None:
+            return None
+        return (self.last_frame_at - self.first_frame_at) / (self.frames - 1)
+
+    def server_timing(self) -> str:
+        """``Server-Timing`` for a whole answer: where the time went, in milliseconds.
+
+        ``routing``: the router's own work before sending (parsing, checks, waiting for
+        a model to be ready). ``queue``: from sending to the answer, minus the engine's
+        time: Ray Serve's queue for a free replica and the hops there and back.
+        ``engine``: the replica's time (vLLM's own queue, prefill and decode).
+        """
+        end = self.replied_at or time.perf_counter()
+        sent = self.dispatched_at or end
+        parts = [("routing", sent - self.started)]
+        if self.engine_s is not None and self.dispatched_at is not None:
+            parts.append(("queue", max(0.0, end - sent - self.engine_s)))
+            parts.append(("engine", self.engine_s))
+        parts.append(("total", end - self.started))
+        return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in parts)
+
+    def log_fields(self) -> dict[str, Any]:
+        def ms(seconds: float | None) -> float | None:
+            return None if seconds is None else round(seconds * 1000, 1)
+
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "stream": self.stream,
+            "status": self.status,
+            "error_code": self.error_code,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "latency_ms": ms(self.latency_s),
+            "ttft_ms": ms(self.ttft_s),
+            "client_disconnected": self.disconnected,
+        }
+
+
+def log_request(record: RequestRecord) -> None:
+    """The access line: a short message, the fields as ``extra`` (keys in JSON logs,
+    ``key=value`` pairs after the message in Serve's TEXT logs)."""
+    fields = record.log_fields()
+    access_logger.info(
+        "%s %s %s %sms",
+        record.endpoint,
+        record.model,
+        record.status,
+        fields["latency_ms"],
+        extra=fields,
+    )

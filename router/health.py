@@ -1,0 +1,82 @@
+"""Health endpoints and the gate that keeps requests off models with no ready replica.
+
+- ``GET /health/live``: 200 while the gateway answers; the body lists each model.
+- ``GET /health/ready``: 200 only when every model with ``min_replicas > 0`` has a
+  running replica, else 503. Models scaled to zero (``min_replicas: 0``) never hold
+  readiness back. Until the router's first status read, nothing counts as ready.
+
+Both bodies: ``{"status", "models": {id: {"state", "reason", "required_for_readiness",
+"replicas": {"running", "starting", "min", "max"}, "loading_for_s"}}}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from deployments.config import ModelConfig
+from deployments.errors import ModelNotReadyError
+from router.model_status import ModelStatus, ModelStatusSource
+
+
+def _models_body(
+    models: Mapping[str, ModelConfig], statuses: Mapping[str, ModelStatus]
+) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for model_id, model in models.items():
+        status = statuses.get(model_id)
+        if status is None:
+            body[model_id] = {
+                "state": "unknown",
+                "reason": "status not read yet",
+                "required_for_readiness": model.autoscaling.min_replicas > 0,
+            }
+        else:
+            body[model_id] = status.as_json()
+    return body
+
+
+def is_ready(models: Mapping[str, ModelConfig], statuses: Mapping[str, ModelStatus]) -> bool:
+    for model_id, model in models.items():
+        if model.autoscaling.min_replicas == 0:
+            continue
+        status = statuses.get(model_id)
+        if status is None or status.state != "ready":
+            return False
+    return True
+
+
+def add_health_routes(
+    app: FastAPI, models: Mapping[str, ModelConfig], source: ModelStatusSource
+) -> None:
+    @app.get("/health/live")
+    async def live() -> dict[str, Any]:
+        return {"status": "live", "models": _models_body(models, source.snapshot())}
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        statuses = source.snapshot()
+        ok = is_ready(models, statuses)
+        body = {"status": "ready" if ok else "not_ready", "models": _models_body(models, statuses)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def admit(model: ModelConfig, source: ModelStatusSource) -> None:
+    """Return when ``model`` can take a request; else raise ModelNotReadyError (503).
+
+    Unknown status (before the first read) lets the request through to Serve.
+    """
+    status = source.status(model.id)
+    if status is None or status.state == "ready":
+        return
+    policy = model.unavailable
+    if status.state != "failed":
+        source.wake(model.id)
+        if policy.action == "queue":
+            status = await source.wait_ready(model.id, policy.queue_timeout_s)
+            if status is None or status.state == "ready":
+                return
+    raise ModelNotReadyError(model.id, status.state, policy.retry_after_s)

@@ -1,0 +1,146 @@
+"""The real ``ModelStatusSource``: polls Ray Serve from inside a router replica.
+
+Every ``router.status_poll_interval_s`` it reads ``serve.status()`` (one controller
+call) and the replicas' phase entries in the GCS, derives each model's state
+(``router/model_status.py``) and hands it to the metrics. Each router replica polls
+on its own, so a request is gated on a view at most one interval old.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ray.serve.exceptions import RayServeException
+
+from deployments.config import FleetConfig
+from deployments.replica_status import GCS_ERRORS, STALE_AFTER_S, delete_phase, read_phases
+from router.model_status import DeploymentView, ModelStatus, derive_status
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+logger = logging.getLogger("llm_fleet.router")
+# A wake call is a real request to the model's handle: it waits in Serve's queue, which
+# is what makes the autoscaler add a replica, and is dropped after this long.
+WAKE_TIMEOUT_S = 900.0
+
+
+class ServeStatusBoard:
+    def __init__(
+        self,
+        app_name: str,
+        config: FleetConfig,
+        handles: Mapping[str, DeploymentHandle[Any]],
+        on_update: Callable[[dict[str, ModelStatus]], None] | None = None,
+    ):
+        self._app = app_name
+        self._models = {m.id: m for m in config.models if m.id in handles}
+        self._handles = dict(handles)
+        self._interval = config.router.status_poll_interval_s
+        self._on_update = on_update
+        self._statuses: dict[str, ModelStatus] = {}
+        self._changed = asyncio.Event()
+        self._wakes: dict[str, asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Read once (so the first request is gated), then keep polling."""
+        await self.poll()
+        self._task = asyncio.create_task(self._poll_forever())
+
+    async def stop(self) -> None:
+        for task in [self._task, *self._wakes.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def status(self, model_id: str) -> ModelStatus | None:
+        return self._statuses.get(model_id)
+
+    def snapshot(self) -> dict[str, ModelStatus]:
+        return dict(self._statuses)
+
+    def wake(self, model_id: str) -> None:
+        pending = self._wakes.get(model_id)
+        if pending is None or pending.done():
+            self._wakes[model_id] = asyncio.create_task(self._wake(model_id))
+
+    async def wait_ready(self, model_id: str, timeout_s: float) -> ModelStatus | None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            current = self._statuses.get(model_id)
+            if current is None or current.state in ("ready", "failed"):
+                return current
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return current
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=left)
+
+    async def poll(self) -> None:
+        try:
+            statuses = await asyncio.to_thread(self._read)
+        except (*GCS_ERRORS, RayServeException) as exc:  # keep the last view; poll again
+            logger.warning("could not read the models' status from Ray Serve: %s", exc)
+            return
+        self._statuses = statuses
+        self._changed.set()
+        if self._on_update is not None:
+            self._on_update(statuses)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.poll()
+
+    async def _wake(self, model_id: str) -> None:
+        response = self._handles[model_id].info.remote()
+        try:
+            await asyncio.wait_for(_awaited(response), timeout=WAKE_TIMEOUT_S)
+        except (*GCS_ERRORS, RayServeException) as exc:
+            response.cancel()  # type: ignore[no-untyped-call]
+            logger.info("wake call to %s ended: %s", model_id, type(exc).__name__)
+
+    def _read(self) -> dict[str, ModelStatus]:
+        from ray import serve
+
+        app = serve.status().applications.get(self._app)
+        deployments = app.deployments if app is not None else {}
+        now = time.time()
+        statuses = {}
+        for model_id, model in self._models.items():
+            overview = deployments.get(model_id)
+            view = None
+            if overview is not None:
+                view = DeploymentView(
+                    status=str(overview.status.value),
+                    message=overview.message,
+                    replica_states={str(k.value): v for k, v in overview.replica_states.items()},
+                )
+            phases = read_phases(self._app, model_id)
+            self._prune(model_id, phases, now)
+            statuses[model_id] = derive_status(model, view, phases, now)
+        return statuses
+
+    def _prune(self, model_id: str, phases: Mapping[str, Any], now: float) -> None:
+        """Drop entries of replicas long gone; keep the newest failure for its reason."""
+        failures = sorted(
+            (item for item in phases.items() if item[1].phase == "failed"),
+            key=lambda item: item[1].updated,
+        )
+        stale = [rid for rid, p in phases.items() if p.phase != "failed" and p.fresh(now) is False]
+        old = [rid for rid, _ in failures[:-1]]
+        for replica in stale + old:
+            if now - phases[replica].updated > 4 * STALE_AFTER_S or replica in old:
+                delete_phase(self._app, model_id, replica)
+
+
+async def _awaited(response: Any) -> None:
+    await response
