@@ -45,7 +45,7 @@ class AutoscalingConfig(StrictModel):
         300.0, ge=0, description="Seconds the load must stay low before removing replicas."
     )
     look_back_period_s: float = Field(
-        10.0, gt=0, description="Window over which the reported load is averaged."
+        30.0, gt=0, description="Window over which the reported load is averaged."
     )
 
     @model_validator(mode="after")

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from deployments.config import ModelConfig
 from deployments.engine import EngineInfo, LLMEngine, Reply, Route
 from deployments.replica_status import Phase, PhaseReporter
@@ -29,8 +31,16 @@ def vllm_engine_factory(model: ModelConfig, path: Path) -> LLMEngine:
 
 
 def failure_reason(exc: BaseException) -> str:
-    """One line for /health: the error's type and the first line of its message."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    """One line for /health: the error's type and the first line of its message.
+
+    A pydantic ValidationError (vLLM validates its configs with pydantic) gives its
+    first error's message: its own first line only names the class that failed.
+    """
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+    else:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = lines[0] if lines else ""
     text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return text[:500]
 

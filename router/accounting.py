@@ -62,7 +62,9 @@ class RequestRecord:
     def failed(self, err: APIError) -> None:
         self.status = err.status_code
         self.error_code = err.code
-        if self.dispatched_at is None:
+        if self.replied_at is None:
+            # Refused before any answer came back (by the router, or Serve's back-pressure);
+            # an engine's own 4xx is an answer, not a rejection.
             self.rejection = err.rejection
 
     def usage(self, usage: Any) -> None:

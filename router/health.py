@@ -29,10 +29,18 @@ def _models_body(
     for model_id, model in models.items():
         status = statuses.get(model_id)
         if status is None:
+            scaling = model.autoscaling
             body[model_id] = {
                 "state": "unknown",
                 "reason": "status not read yet",
-                "required_for_readiness": model.autoscaling.min_replicas > 0,
+                "required_for_readiness": scaling.min_replicas > 0,
+                "replicas": {
+                    "running": None,
+                    "starting": None,
+                    "min": scaling.min_replicas,
+                    "max": scaling.max_replicas,
+                },
+                "loading_for_s": None,
             }
         else:
             body[model_id] = status.as_json()

@@ -120,9 +120,9 @@ class ServeStatusBoard:
             view = None
             if overview is not None:
                 view = DeploymentView(
-                    status=str(overview.status.value),
+                    status=_name(overview.status),
                     message=overview.message,
-                    replica_states={str(k.value): v for k, v in overview.replica_states.items()},
+                    replica_states={_name(k): v for k, v in overview.replica_states.items()},
                 )
             phases = read_phases(self._app, model_id)
             self._prune(model_id, phases, now)
@@ -140,6 +140,11 @@ class ServeStatusBoard:
         for replica in stale + old:
             if now - phases[replica].updated > 4 * STALE_AFTER_S or replica in old:
                 delete_phase(self._app, model_id, replica)
+
+
+def _name(value: Any) -> str:
+    """Serve's status enums arrive as enums or, through serve.status(), as plain str."""
+    return str(getattr(value, "value", value))
 
 
 async def _awaited(response: Any) -> None:

@@ -3,12 +3,17 @@
 ``FakeModelClient`` stands where ``HandleModelClient`` stands in production, so
 ``router.app.create_app`` runs unchanged over it; it can also raise what a real
 client raises (a dead replica, back-pressure, a failure mid-stream).
+``FakeStatusSource`` stands where the Ray Serve status board stands, and
+``RecordingMetrics`` where the Ray metrics do.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +22,9 @@ from fastapi import FastAPI
 from deployments.config import FleetConfig
 from deployments.engine import Reply, Route
 from deployments.fake_engine import FakeEngine
-from router.app import create_app
+from router.accounting import RequestRecord
+from router.app import MetricsText, create_app
+from router.model_status import ModelStatus, State
 
 CHAT_MODEL = "smollm2-135m-instruct"
 COMPLETIONS_MODEL = "gemma-3-270m"
@@ -33,6 +40,7 @@ class FakeModelClient:
 
     ``error_before_first`` is raised before anything is yielded; ``error_mid_stream``
     is raised in place of item number ``error_after`` (counting from 0).
+    ``stamp_engine_time`` sets ``Reply.engine_s`` as ``ModelDeployment`` does.
     """
 
     def __init__(
@@ -42,11 +50,13 @@ class FakeModelClient:
         error_before_first: Exception | None = None,
         error_mid_stream: Exception | None = None,
         error_after: int = 1,
+        stamp_engine_time: bool = False,
     ) -> None:
         self.engine = engine
         self.error_before_first = error_before_first
         self.error_mid_stream = error_mid_stream
         self.error_after = error_after
+        self.stamp_engine_time = stamp_engine_time
 
     async def stream(
         self, route: Route, body: dict[str, Any], request_id: str
@@ -54,20 +64,114 @@ class FakeModelClient:
         if self.error_before_first is not None:
             raise self.error_before_first
         # Closing this stream closes the engine's, as HandleModelClient cancels its call.
+        started = time.perf_counter()
         async with contextlib.aclosing(self.engine.generate(route, body, request_id)) as items:
             sent = 0
             async for item in items:
                 if self.error_mid_stream is not None and sent == self.error_after:
                     raise self.error_mid_stream
+                if self.stamp_engine_time and isinstance(item, Reply):
+                    item = dataclasses.replace(item, engine_s=time.perf_counter() - started)
                 yield item
                 sent += 1
 
 
-def fleet_config(**router: Any) -> FleetConfig:
-    """Three configured models (one not allowed) with small token limits."""
+class FakeStatusSource:
+    """A ``ModelStatusSource`` whose statuses a test sets; it records ``wake`` calls.
+
+    ``wait_ready`` waits ``ready_after_s[model]`` and then flips that model to ready
+    (if that is within the timeout), else waits the whole timeout and returns the
+    status unchanged, as the real board does when no poll brings news.
+    """
+
+    def __init__(self) -> None:
+        self.statuses: dict[str, ModelStatus] = {}
+        self.ready_after_s: dict[str, float] = {}
+        self.woken: list[str] = []
+        self.waited: list[tuple[str, float]] = []
+
+    def set(
+        self,
+        model_id: str,
+        state: State,
+        *,
+        reason: str | None = None,
+        min_replicas: int = 1,
+        max_replicas: int = 2,
+    ) -> ModelStatus:
+        running = 1 if state == "ready" else 0
+        starting = 1 if state in ("downloading", "loading") else 0
+        status = ModelStatus(
+            model=model_id,
+            state=state,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            running=running,
+            starting=starting,
+            reason=reason,
+        )
+        self.statuses[model_id] = status
+        return status
+
+    def status(self, model_id: str) -> ModelStatus | None:
+        return self.statuses.get(model_id)
+
+    def snapshot(self) -> dict[str, ModelStatus]:
+        return dict(self.statuses)
+
+    def wake(self, model_id: str) -> None:
+        self.woken.append(model_id)
+
+    async def wait_ready(self, model_id: str, timeout_s: float) -> ModelStatus | None:
+        self.waited.append((model_id, timeout_s))
+        flip_after = self.ready_after_s.get(model_id)
+        if flip_after is None or flip_after > timeout_s:
+            await asyncio.sleep(timeout_s)
+            return self.statuses.get(model_id)
+        await asyncio.sleep(flip_after)
+        current = self.statuses[model_id]
+        return self.set(
+            model_id,
+            "ready",
+            min_replicas=current.min_replicas,
+            max_replicas=current.max_replicas,
+        )
+
+
+class RecordingMetrics:
+    """A ``RouterMetrics`` that keeps what it is given, in order."""
+
+    def __init__(self) -> None:
+        self.dispatched: list[RequestRecord] = []
+        self.finished: list[RequestRecord] = []
+        self.model_updates: list[dict[str, ModelStatus]] = []
+
+    def request_dispatched(self, record: RequestRecord) -> None:
+        self.dispatched.append(record)
+
+    def request_finished(self, record: RequestRecord) -> None:
+        self.finished.append(record)
+
+    def models_updated(self, statuses: Mapping[str, ModelStatus]) -> None:
+        self.model_updates.append(dict(statuses))
+
+
+def fleet_config(
+    *, model_fields: Mapping[str, Mapping[str, Any]] | None = None, **router: Any
+) -> FleetConfig:
+    """Three configured models (one not allowed) with small token limits.
+
+    ``model_fields`` adds ``ModelConfig`` fields per model id (e.g. ``unavailable``).
+    """
     limits = {"default_max_tokens": DEFAULT_MAX_TOKENS, "max_tokens_limit": MAX_TOKENS_LIMIT}
+    extra = model_fields or {}
     models = [
-        {"id": model_id, "source": f"embedded://{model_id}", "limits": limits}
+        {
+            "id": model_id,
+            "source": f"embedded://{model_id}",
+            "limits": limits,
+            **extra.get(model_id, {}),
+        }
         for model_id in (CHAT_MODEL, COMPLETIONS_MODEL, NOT_ALLOWED_MODEL)
     ]
     return FleetConfig.model_validate({"models": models, "router": router})
@@ -89,12 +193,18 @@ def make_fleet(
     token_delay_s: float = 0.0,
     client_options: dict[str, Any] | None = None,
     extra_clients: dict[str, FakeModelClient] | None = None,
+    model_fields: Mapping[str, Mapping[str, Any]] | None = None,
+    status: FakeStatusSource | None = None,
+    metrics: RecordingMetrics | None = None,
+    metrics_text: MetricsText | None = None,
     **router: Any,
 ) -> Fleet:
     """The router app over fake engines for the allowed models.
 
     ``client_options`` go to every ``FakeModelClient`` (e.g. an error to raise);
-    ``router`` overrides ``RouterConfig`` fields.
+    ``model_fields`` add per-model config fields (see ``fleet_config``); ``status``,
+    ``metrics`` and ``metrics_text`` go to ``create_app``; ``router`` overrides
+    ``RouterConfig`` fields.
     """
     engines = {
         model_id: FakeEngine(model_id, max_model_len=MAX_MODEL_LEN, token_delay_s=token_delay_s)
@@ -105,4 +215,6 @@ def make_fleet(
         for model_id, engine in engines.items()
     }
     clients.update(extra_clients or {})
-    return Fleet(app=create_app(fleet_config(**router), clients), engines=engines)
+    config = fleet_config(model_fields=model_fields, **router)
+    app = create_app(config, clients, status=status, metrics=metrics, metrics_text=metrics_text)
+    return Fleet(app=app, engines=engines)

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ COMPLETION_MODEL = "gemma-3-270m"
 S3_MODEL = "smollm2-s3"
 HF_MODEL = "smollm2-hf"
 UNREACHABLE_MODEL = "unreachable-store"
+# SmolLM2 with a context longer than the model allows: vLLM refuses to start it.
+BROKEN_ENGINE_MODEL = "broken-engine"
 WEIGHTS_BUCKET = "fleet-weights"
 MIRROR_REPO = "fleet/smollm2-135m-instruct"
 READY_TIMEOUT_S = 900
@@ -57,6 +59,7 @@ SCALING_OVERRIDE = {
 class Fleet:
     base_url: str
     log: Path
+    startup: StartupObservations
 
 
 def _free_port() -> int:
@@ -100,8 +103,8 @@ SCALE_TO_ZERO = {
 }
 
 
-def _remote_models(commit: str) -> list[dict[str, Any]]:
-    def model(model_id: str, source: str, **env: str) -> dict[str, Any]:
+def _extra_models(commit: str) -> list[dict[str, Any]]:
+    def model(model_id: str, source: str, **extra: Any) -> dict[str, Any]:
         return {
             "id": model_id,
             "source": source,
@@ -112,16 +115,23 @@ def _remote_models(commit: str) -> list[dict[str, Any]]:
             },
             "resources": {"num_cpus": 0.1},
             "autoscaling": SCALE_TO_ZERO,
-            "env": env,
+            **extra,
         }
 
+    broken = model(BROKEN_ENGINE_MODEL, f"embedded://{CHAT_MODEL}")
+    broken["engine_args"]["max_model_len"] = 1_000_000
     return [
-        model(S3_MODEL, f"s3://{WEIGHTS_BUCKET}/smollm2"),
-        model(HF_MODEL, f"hf://{MIRROR_REPO}@{commit}"),
+        # Rejects requests while it has no replica (the default): 503 + Retry-After.
+        model(S3_MODEL, f"s3://{WEIGHTS_BUCKET}/smollm2", unavailable={"retry_after_s": 2}),
+        # Holds requests until a replica is up.
+        model(HF_MODEL, f"hf://{MIRROR_REPO}@{commit}", unavailable={"action": "queue"}),
         # Port 9 (discard) is closed here: the store cannot be reached at all.
         model(
-            UNREACHABLE_MODEL, f"s3://{WEIGHTS_BUCKET}/gone", AWS_ENDPOINT_URL="http://127.0.0.1:9"
+            UNREACHABLE_MODEL,
+            f"s3://{WEIGHTS_BUCKET}/gone",
+            env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
         ),
+        broken,
     ]
 
 
@@ -130,39 +140,71 @@ def _test_config(tmp: Path, port: int, commit: str) -> Path:
     config["http_options"]["port"] = port
     app = config["applications"][0]
     app["deployments"] = [SCALING_OVERRIDE]
-    app["args"]["models"] += _remote_models(commit)
+    app["args"]["models"] += _extra_models(commit)
+    # Structured logs, the way an operator turns them on: one JSON object per line.
+    app["logging_config"] = {"encoding": "JSON"}
     path = tmp / "serve_config.test.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def _wait_ready(base_url: str, process: Any, log: Path) -> None:
-    """Ready when both models answer a one-token request through the router."""
+@dataclass
+class StartupObservations:
+    """What the fixture saw while the fleet started: the operations tests read it.
+
+    ``readiness``: (seconds since start, /health/ready status, its body) at each
+    change. ``loading_probes``: (seconds the answer took, status, Retry-After, body)
+    of chat requests sent to SmolLM2 while /health/ready said it was not ready.
+    """
+
+    readiness: list[tuple[float, int, dict[str, Any]]] = field(default_factory=list)
+    loading_probes: list[tuple[float, int, str | None, dict[str, Any]]] = field(
+        default_factory=list
+    )
+
+
+def _probe_loading_model(base_url: str, seen: StartupObservations) -> None:
+    body = {"model": CHAT_MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
+    started = time.monotonic()
+    reply = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30)
+    elapsed = time.monotonic() - started
+    if reply.status_code == 503:
+        payload = reply.json()
+        seen.loading_probes.append(
+            (elapsed, reply.status_code, reply.headers.get("retry-after"), payload)
+        )
+
+
+def _wait_ready(base_url: str, process: Any, log: Path) -> StartupObservations:
+    """Ready when /health/ready is 200 and every model that starts with a replica runs.
+
+    Meanwhile, record the readiness changes and probe SmolLM2 while it loads.
+    """
+    seen = StartupObservations()
     deadline = time.monotonic() + READY_TIMEOUT_S
-    pending = {
-        CHAT_MODEL: "chat/completions",
-        COMPLETION_MODEL: "completions",
-        S3_MODEL: "chat/completions",
-        HF_MODEL: "chat/completions",
-    }
-    while pending:
+    started = time.monotonic()
+    wanted = {CHAT_MODEL, COMPLETION_MODEL, S3_MODEL, HF_MODEL}
+    last: tuple[int, dict[str, Any]] | None = None
+    while True:
         if process.poll() is not None:
             raise RuntimeError(f"serve run exited early:\n{log.read_text()[-5000:]}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"fleet not ready in {READY_TIMEOUT_S}s:\n{log.read_text()[-5000:]}")
-        for model, route in list(pending.items()):
-            body: dict[str, Any] = {"model": model, "max_tokens": 1}
-            if route == "completions":
-                body["prompt"] = "Hi"
-            else:
-                body["messages"] = [{"role": "user", "content": "Hi"}]
-            try:
-                reply = httpx.post(f"{base_url}/v1/{route}", json=body, timeout=30)
-            except httpx.HTTPError:
-                break
-            if reply.status_code == 200:
-                del pending[model]
-        time.sleep(2)
+        try:
+            reply = httpx.get(f"{base_url}/health/ready", timeout=10)
+            body = reply.json()
+        except (httpx.HTTPError, ValueError):
+            time.sleep(1)
+            continue
+        states = {m: s.get("state") for m, s in body.get("models", {}).items()}
+        if last is None or (reply.status_code, states) != (last[0], last[1]):
+            seen.readiness.append((time.monotonic() - started, reply.status_code, body))
+            last = (reply.status_code, states)
+        if reply.status_code != 200 and states.get(CHAT_MODEL) != "ready":
+            _probe_loading_model(base_url, seen)
+        if reply.status_code == 200 and all(states.get(m) == "ready" for m in wanted):
+            return seen
+        time.sleep(1)
 
 
 # Package scope: the fleet (about 15 GB here) is stopped as soon as the last serve
@@ -180,14 +222,17 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         **servers.mirror.env(),
         "LLM_FLEET_WEIGHT_CACHE": str(tmp / "weight-cache"),
         "PYTHONUNBUFFERED": "1",
+        # Workers hand their metrics to the node's agent every 2 s, not 10 s: the
+        # Prometheus test sees a request counted sooner.
+        "RAY_metrics_report_interval_ms": "2000",
     }
     try:
         with log.open("wb") as out:
             process = launcher.start(str(config), stdout=out, stderr=out, cwd=str(REPO), env=env)
         base_url = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(base_url, process, log)
-            yield Fleet(base_url=base_url, log=log)
+            startup = _wait_ready(base_url, process, log)
+            yield Fleet(base_url=base_url, log=log, startup=startup)
         finally:
             import ray
 

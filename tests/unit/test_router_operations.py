@@ -1,0 +1,676 @@
+"""Operating the gateway: health, readiness gating, Server-Timing, usage, metrics, access log.
+
+The app runs over fake engines with a ``FakeStatusSource`` standing where the Ray
+Serve status board stands and ``RecordingMetrics`` where the Ray metrics stand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from ray._common.formatters import JSONFormatter
+from starlette.types import Message
+
+from deployments.errors import ServiceUnavailableError
+from router.model_status import State
+from tests.fakes import (
+    CHAT_MODEL,
+    COMPLETIONS_MODEL,
+    MAX_MODEL_LEN,
+    MAX_TOKENS_LIMIT,
+    NOT_ALLOWED_MODEL,
+    FakeStatusSource,
+    RecordingMetrics,
+    make_fleet,
+)
+
+if TYPE_CHECKING:
+    import httpx2  # what starlette's TestClient is built on
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+SERVER_TIMING_ENTRY = re.compile(r"^(?P<name>[a-z]+);dur=(?P<ms>\d+(?:\.\d+)?)$")
+
+
+def chat(text: str = "alpha beta gamma", **fields: Any) -> dict[str, Any]:
+    return {"model": CHAT_MODEL, "messages": [{"role": "user", "content": text}], **fields}
+
+
+def request_for(
+    route: str, text: str = "one two three", **fields: Any
+) -> tuple[str, dict[str, Any]]:
+    if route == "chat":
+        return CHAT_PATH, chat(text, **fields)
+    return COMPLETIONS_PATH, {"model": COMPLETIONS_MODEL, "prompt": text, **fields}
+
+
+def sse_payloads(response: httpx2.Response) -> list[dict[str, Any]]:
+    """The JSON chunks of a whole SSE body that ends with [DONE]."""
+    frames = response.text.split("\n\n")
+    assert frames[-2:] == ["data: [DONE]", ""], response.text[-200:]
+    return [json.loads(frame.removeprefix("data: ")) for frame in frames[:-2]]
+
+
+def openai_error(response: httpx2.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error: dict[str, Any] = body["error"]
+    assert set(error) == {"message", "type", "param", "code", "request_id"}, error
+    assert error["code"] == code, error
+    assert error["request_id"] == response.headers["x-request-id"]
+    return error
+
+
+def server_timing(response: httpx2.Response) -> dict[str, float]:
+    """Server-Timing as {name: milliseconds}, after checking every entry's syntax."""
+    timings: dict[str, float] = {}
+    for entry in response.headers["server-timing"].split(", "):
+        match = SERVER_TIMING_ENTRY.match(entry)
+        assert match is not None, entry
+        timings[match["name"]] = float(match["ms"])
+    return timings
+
+
+def queue_policy(*, retry_after_s: int = 15, queue_timeout_s: float = 300.0) -> dict[str, Any]:
+    unavailable = {
+        "action": "queue",
+        "retry_after_s": retry_after_s,
+        "queue_timeout_s": queue_timeout_s,
+    }
+    return {"unavailable": unavailable}
+
+
+# --- /health/live and /health/ready --------------------------------------------------
+
+
+def test_ready_is_503_while_a_required_model_loads() -> None:
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, "ready")
+    status.set(COMPLETIONS_MODEL, "downloading")
+    with TestClient(make_fleet(status=status).app) as http:
+        response = http.get("/health/ready")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "not_ready"
+    assert set(body["models"]) == {CHAT_MODEL, COMPLETIONS_MODEL}  # allowed models only
+    assert body["models"][CHAT_MODEL]["state"] == "ready"
+    loading = body["models"][COMPLETIONS_MODEL]
+    assert loading["state"] == "downloading"
+    assert loading["required_for_readiness"] is True
+    assert loading["replicas"] == {"running": 0, "starting": 1, "min": 1, "max": 2}
+
+
+def test_ready_is_200_when_required_models_run_even_if_a_scaled_to_zero_one_is_idle() -> None:
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, "ready")
+    status.set(COMPLETIONS_MODEL, "idle", reason="scaled to zero", min_replicas=0)
+    scaled_to_zero = {COMPLETIONS_MODEL: {"autoscaling": {"min_replicas": 0}}}
+    with TestClient(make_fleet(status=status, model_fields=scaled_to_zero).app) as http:
+        response = http.get("/health/ready")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ready"
+    idle = body["models"][COMPLETIONS_MODEL]
+    assert (idle["state"], idle["reason"], idle["required_for_readiness"]) == (
+        "idle",
+        "scaled to zero",
+        False,
+    )
+
+
+def test_a_failed_models_reason_shows_in_the_readiness_body() -> None:
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, "failed", reason="CUDA out of memory")
+    status.set(COMPLETIONS_MODEL, "ready")
+    with TestClient(make_fleet(status=status).app) as http:
+        ready = http.get("/health/ready")
+        live = http.get("/health/live")
+    assert ready.status_code == 503
+    failed = ready.json()["models"][CHAT_MODEL]
+    assert (failed["state"], failed["reason"]) == ("failed", "CUDA out of memory")
+    assert live.status_code == 200
+    assert live.json()["models"][CHAT_MODEL]["reason"] == "CUDA out of memory"
+
+
+@pytest.mark.parametrize("source", ["always-ready", "empty"])
+def test_before_any_status_read_nothing_is_ready(source: str) -> None:
+    # Without a source the app uses AlwaysReady; the board's is empty until its first poll.
+    status = FakeStatusSource() if source == "empty" else None
+    with TestClient(make_fleet(status=status).app) as http:
+        ready = http.get("/health/ready")
+        live = http.get("/health/live")
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "not_ready"
+    for body in (ready.json(), live.json()):
+        assert {m: s["state"] for m, s in body["models"].items()} == {
+            CHAT_MODEL: "unknown",
+            COMPLETIONS_MODEL: "unknown",
+        }
+        assert body["models"][CHAT_MODEL]["required_for_readiness"] is True
+
+
+def test_an_unknown_models_entry_has_the_documented_keys() -> None:
+    with TestClient(make_fleet().app) as http:
+        entry = http.get("/health/ready").json()["models"][CHAT_MODEL]
+    assert set(entry) == {
+        "state",
+        "reason",
+        "required_for_readiness",
+        "replicas",
+        "loading_for_s",
+    }
+
+
+@pytest.mark.parametrize("state", ["ready", "loading", "failed", "idle"])
+def test_live_is_200_whatever_the_models_do(state: State) -> None:
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, state)
+    with TestClient(make_fleet(status=status).app) as http:
+        response = http.get("/health/live")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "live"
+    assert body["models"][CHAT_MODEL]["state"] == state
+    assert body["models"][COMPLETIONS_MODEL]["state"] == "unknown"
+
+
+# --- gating requests on model readiness ------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("state", ["loading", "downloading"])
+def test_a_loading_model_is_503_at_once_with_its_retry_after(state: State, stream: bool) -> None:
+    status, metrics = FakeStatusSource(), RecordingMetrics()
+    status.set(CHAT_MODEL, state)
+    policy = {CHAT_MODEL: {"unavailable": {"retry_after_s": 42}}}
+    fleet = make_fleet(status=status, metrics=metrics, model_fields=policy)
+    with TestClient(fleet.app) as http:
+        started = time.monotonic()
+        response = http.post(CHAT_PATH, json=chat(stream=stream))
+        elapsed = time.monotonic() - started
+    error = openai_error(response, 503, "model_not_ready")
+    assert elapsed < 0.5
+    assert response.headers["retry-after"] == "42"
+    assert response.headers["content-type"] == "application/json"
+    assert (error["type"], error["param"]) == ("service_unavailable", "model")
+    assert error["message"] == f"Model '{CHAT_MODEL}' is {state}; retry in 42 s."
+    assert metrics.dispatched == []  # no engine saw it
+
+
+def test_other_models_are_served_while_one_loads() -> None:
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, "ready")
+    status.set(COMPLETIONS_MODEL, "loading")
+    with TestClient(make_fleet(status=status).app) as http:
+        answer = http.post(CHAT_PATH, json=chat())
+        refused = http.post(COMPLETIONS_PATH, json={"model": COMPLETIONS_MODEL, "prompt": "hi"})
+    assert answer.status_code == 200
+    assert answer.json()["choices"][0]["message"]["content"] == "alpha beta gamma"
+    openai_error(refused, 503, "model_not_ready")
+    assert refused.headers["retry-after"] == "15"  # the policy's default
+
+
+def test_an_idle_model_is_woken_and_answered_503() -> None:
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, "idle", reason="scaled to zero", min_replicas=0)
+    with TestClient(make_fleet(status=status).app) as http:
+        response = http.post(CHAT_PATH, json=chat())
+    error = openai_error(response, 503, "model_not_ready")
+    assert "scaled to zero and starting" in error["message"]
+    assert status.woken == [CHAT_MODEL]
+
+
+@pytest.mark.parametrize("action", ["reject", "queue"])
+def test_a_failed_model_is_503_at_once_and_not_woken(action: str) -> None:
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, "failed", reason="CUDA out of memory")
+    policy = {CHAT_MODEL: {"unavailable": {"action": action, "retry_after_s": 7}}}
+    with TestClient(make_fleet(status=status, model_fields=policy).app) as http:
+        started = time.monotonic()
+        response = http.post(CHAT_PATH, json=chat())
+        elapsed = time.monotonic() - started
+    error = openai_error(response, 503, "model_not_ready")
+    assert elapsed < 0.5
+    assert response.headers["retry-after"] == "7"
+    assert "failed to start" in error["message"]
+    assert "CUDA" not in error["message"]  # the reason is for operators (/health/ready)
+    assert status.woken == []
+    assert status.waited == []
+
+
+@pytest.mark.parametrize("initial", ["loading", "idle"])
+def test_a_queued_request_waits_and_is_served_when_the_model_is_ready(initial: State) -> None:
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, initial)
+    status.ready_after_s[CHAT_MODEL] = 0.3
+    policy = {CHAT_MODEL: queue_policy(queue_timeout_s=5.0)}
+    with TestClient(make_fleet(status=status, model_fields=policy).app) as http:
+        started = time.monotonic()
+        response = http.post(CHAT_PATH, json=chat("wait for me"))
+        elapsed = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "wait for me"
+    assert 0.3 <= elapsed < 3.0
+    assert status.woken == [CHAT_MODEL]
+    assert status.waited == [(CHAT_MODEL, 5.0)]
+
+
+def test_a_queued_request_gets_503_when_the_queue_timeout_passes() -> None:
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, "loading")
+    policy = {CHAT_MODEL: queue_policy(retry_after_s=9, queue_timeout_s=0.3)}
+    with TestClient(make_fleet(status=status, model_fields=policy).app) as http:
+        started = time.monotonic()
+        response = http.post(CHAT_PATH, json=chat())
+        elapsed = time.monotonic() - started
+    openai_error(response, 503, "model_not_ready")
+    assert response.headers["retry-after"] == "9"
+    assert 0.3 <= elapsed < 3.0
+    assert status.waited == [(CHAT_MODEL, 0.3)]
+
+
+def test_models_show_their_status_when_the_source_knows_it() -> None:
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, "downloading")
+    with TestClient(make_fleet(status=status).app) as http:
+        listed = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
+        one = http.get(f"/v1/models/{CHAT_MODEL}").json()
+        status.set(COMPLETIONS_MODEL, "ready")
+        other = http.get(f"/v1/models/{COMPLETIONS_MODEL}").json()
+    assert listed[CHAT_MODEL]["status"] == "downloading"
+    assert "status" not in listed[COMPLETIONS_MODEL]  # not read yet
+    assert one["status"] == "downloading"
+    assert other["status"] == "ready"
+
+
+# --- Server-Timing ------------------------------------------------------------------
+
+
+def test_server_timing_without_engine_time_has_routing_and_total() -> None:
+    # FakeEngine leaves Reply.engine_s unset (ModelDeployment sets it in production),
+    # so the router cannot split the model's time into queue and engine.
+    with TestClient(make_fleet().app) as http:
+        response = http.post(CHAT_PATH, json=chat())
+    assert response.status_code == 200
+    timings = server_timing(response)
+    assert list(timings) == ["routing", "total"]
+    assert 0 <= timings["routing"] <= timings["total"]
+
+
+def test_server_timing_splits_routing_queue_engine_and_total() -> None:
+    words, delay_s = 5, 0.02
+    fleet = make_fleet(token_delay_s=delay_s, client_options={"stamp_engine_time": True})
+    with TestClient(fleet.app) as http:
+        response = http.post(CHAT_PATH, json=chat(" ".join(["w"] * words)))
+    assert response.status_code == 200
+    timings = server_timing(response)
+    assert list(timings) == ["routing", "queue", "engine", "total"]
+    assert timings["engine"] >= words * delay_s * 1000 * 0.9
+    assert all(ms >= 0 for ms in timings.values())
+    parts = timings["routing"] + timings["queue"] + timings["engine"]
+    assert parts == pytest.approx(timings["total"], abs=0.3)  # each rounded to 0.1 ms
+
+
+@pytest.mark.parametrize("stamped", [False, True])
+def test_server_timing_on_an_engine_refusal_only_with_engine_time(stamped: bool) -> None:
+    fleet = make_fleet(client_options={"stamp_engine_time": stamped})
+    too_long = " ".join(["word"] * (MAX_MODEL_LEN + 1))
+    with TestClient(fleet.app) as http:
+        response = http.post(CHAT_PATH, json=chat(too_long))
+    openai_error(response, 400, "context_length_exceeded")
+    if stamped:
+        assert list(server_timing(response)) == ["routing", "queue", "engine", "total"]
+    else:
+        assert "server-timing" not in response.headers
+
+
+def test_no_server_timing_on_streams_or_router_refusals() -> None:
+    fleet = make_fleet(client_options={"stamp_engine_time": True})
+    with TestClient(fleet.app) as http:
+        stream = http.post(CHAT_PATH, json=chat(stream=True))
+        refused = http.post(CHAT_PATH, json=chat(max_tokens=MAX_TOKENS_LIMIT + 1))
+    assert stream.status_code == 200
+    assert "server-timing" not in stream.headers
+    openai_error(refused, 400, "max_tokens_exceeded")
+    assert "server-timing" not in refused.headers
+
+
+# --- usage of streams ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream_options", [None, {}, {"include_usage": False}])
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_a_stream_without_usage_asked_has_no_usage_chunk_but_is_counted(
+    route: str, stream_options: dict[str, Any] | None
+) -> None:
+    metrics = RecordingMetrics()
+    fields: dict[str, Any] = {"stream": True}
+    if stream_options is not None:
+        fields["stream_options"] = stream_options
+    path, body = request_for(route, "one two three", **fields)
+    with TestClient(make_fleet(metrics=metrics).app) as http:
+        response = http.post(path, json=body)
+    chunks = sse_payloads(response)
+    assert all(chunk["choices"] for chunk in chunks)
+    assert not [chunk for chunk in chunks if "usage" in chunk]
+    [record] = metrics.finished
+    assert (record.prompt_tokens, record.completion_tokens) == (3, 3)
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_a_stream_with_usage_asked_gets_it(route: str) -> None:
+    metrics = RecordingMetrics()
+    path, body = request_for(
+        route, "one two three four", stream=True, stream_options={"include_usage": True}
+    )
+    with TestClient(make_fleet(metrics=metrics).app) as http:
+        chunks = sse_payloads(http.post(path, json=body))
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}
+    assert [chunk for chunk in chunks if chunk["choices"] == []] == [chunks[-1]]
+    [record] = metrics.finished
+    assert (record.prompt_tokens, record.completion_tokens) == (4, 4)
+
+
+# --- metrics records ---------------------------------------------------------------------
+
+
+def _post_json(path: str, body: dict[str, Any]) -> Callable[[TestClient], httpx2.Response]:
+    return lambda http: http.post(path, json=body)
+
+
+def _post_raw(raw: bytes) -> Callable[[TestClient], httpx2.Response]:
+    headers = {"content-type": "application/json"}
+    return lambda http: http.post(CHAT_PATH, content=raw, headers=headers)
+
+
+REFUSALS = [
+    pytest.param(
+        _post_json(CHAT_PATH, chat(model="gpt-17")),
+        (404, "unknown", "allowlist", "model_not_found"),
+        id="unknown-model",
+    ),
+    pytest.param(
+        _post_json(CHAT_PATH, chat(model=NOT_ALLOWED_MODEL)),
+        (404, "unknown", "allowlist", "model_not_found"),
+        id="configured-but-not-allowed",
+    ),
+    pytest.param(
+        _post_json(CHAT_PATH, chat(max_tokens=MAX_TOKENS_LIMIT + 1)),
+        (400, CHAT_MODEL, "limits", "max_tokens_exceeded"),
+        id="max-tokens-over-the-limit",
+    ),
+    pytest.param(
+        _post_json(CHAT_PATH, chat("x" * 2000)),
+        (413, "unknown", "limits", "request_too_large"),
+        id="body-too-large",
+    ),
+    pytest.param(
+        _post_raw(b"{not json"),
+        (400, "unknown", "bad_request", "invalid_json"),
+        id="invalid-json",
+    ),
+    pytest.param(
+        _post_json(CHAT_PATH, chat(max_tokens="a")),
+        (400, "unknown", "bad_request", "invalid_value"),
+        id="field-of-the-wrong-type",
+    ),
+    pytest.param(
+        _post_json(COMPLETIONS_PATH, {"model": COMPLETIONS_MODEL, "prompt": "hi"}),
+        (503, COMPLETIONS_MODEL, "unavailable", "model_not_ready"),
+        id="model-not-ready",
+    ),
+]
+
+
+@pytest.mark.parametrize(("send", "expected"), REFUSALS)
+def test_a_refused_request_is_recorded_with_its_reason(
+    send: Callable[[TestClient], httpx2.Response], expected: tuple[int, str, str, str]
+) -> None:
+    status, metrics = FakeStatusSource(), RecordingMetrics()
+    status.set(CHAT_MODEL, "ready")
+    status.set(COMPLETIONS_MODEL, "loading")
+    fleet = make_fleet(status=status, metrics=metrics, max_request_bytes=1024)
+    with TestClient(fleet.app) as http:
+        response = send(http)
+    code, _, _, error_code = expected
+    openai_error(response, code, error_code)
+    assert metrics.dispatched == []
+    [record] = metrics.finished
+    assert (record.status, record.model, record.rejection, record.error_code) == expected
+    assert record.request_id == response.headers["x-request-id"]
+
+
+def test_back_pressure_is_recorded_as_an_overload_rejection() -> None:
+    metrics = RecordingMetrics()
+    busy = ServiceUnavailableError(f"Model '{CHAT_MODEL}' is at capacity; retry shortly.")
+    fleet = make_fleet(metrics=metrics, client_options={"error_before_first": busy})
+    with TestClient(fleet.app) as http:
+        response = http.post(CHAT_PATH, json=chat())
+    openai_error(response, 503, "service_unavailable")
+    [record] = metrics.finished
+    assert (record.status, record.model) == (503, CHAT_MODEL)
+    assert record.rejection == "overload"
+
+
+def test_back_pressure_is_recorded_once_and_leaves_nothing_in_flight() -> None:
+    metrics = RecordingMetrics()
+    busy = ServiceUnavailableError(f"Model '{CHAT_MODEL}' is at capacity; retry shortly.")
+    fleet = make_fleet(metrics=metrics, client_options={"error_before_first": busy})
+    with TestClient(fleet.app) as http:
+        http.post(CHAT_PATH, json=chat())
+    assert_paired(metrics, dispatched=1)
+    assert (metrics.finished[0].status, metrics.finished[0].error_code) == (
+        503,
+        "service_unavailable",
+    )
+
+
+def test_an_engine_refusal_is_no_rejection() -> None:
+    metrics = RecordingMetrics()
+    too_long = " ".join(["word"] * (MAX_MODEL_LEN + 1))
+    with TestClient(make_fleet(metrics=metrics).app) as http:
+        http.post(CHAT_PATH, json=chat(too_long))
+    assert_paired(metrics, dispatched=1)
+    [record] = metrics.finished
+    assert (record.status, record.error_code, record.rejection) == (
+        400,
+        "context_length_exceeded",
+        None,
+    )
+
+
+def assert_paired(metrics: RecordingMetrics, *, dispatched: int) -> None:
+    """Each request finished once; the dispatched ones are among them, each once."""
+    finished_ids = [id(record) for record in metrics.finished]
+    assert len(set(finished_ids)) == len(finished_ids)
+    assert len(metrics.dispatched) == dispatched
+    assert len({id(record) for record in metrics.dispatched}) == dispatched
+    assert all(id(record) in finished_ids for record in metrics.dispatched)
+    assert all(record.dispatched_at is not None for record in metrics.dispatched)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_served_request_is_dispatched_and_finished_once(stream: bool) -> None:
+    metrics = RecordingMetrics()
+    with TestClient(make_fleet(token_delay_s=0.01, metrics=metrics).app) as http:
+        response = http.post(CHAT_PATH, json=chat("a b c d", stream=stream))
+    assert response.status_code == 200
+    assert_paired(metrics, dispatched=1)
+    [record] = metrics.finished
+    assert (record.model, record.endpoint, record.stream, record.status) == (
+        CHAT_MODEL,
+        "chat",
+        stream,
+        200,
+    )
+    assert (record.prompt_tokens, record.completion_tokens) == (4, 4)
+    assert record.rejection is None and not record.disconnected
+    assert record.latency_s > 0
+    if stream:
+        assert record.ttft_s is not None and 0 < record.ttft_s <= record.latency_s
+        assert record.itl_s is not None
+    else:
+        assert record.ttft_s is None
+
+
+def test_a_stream_failing_midway_is_finished_once_as_500() -> None:
+    metrics = RecordingMetrics()
+    fleet = make_fleet(
+        metrics=metrics,
+        client_options={"error_mid_stream": RuntimeError("replica died"), "error_after": 3},
+    )
+    with TestClient(fleet.app) as http:
+        response = http.post(CHAT_PATH, json=chat("a b c d e f", stream=True))
+    assert response.status_code == 200  # the headers had gone; the failure is a frame
+    assert_paired(metrics, dispatched=1)
+    assert metrics.finished[0].status == 500
+
+
+def test_many_requests_pair_up() -> None:
+    metrics = RecordingMetrics()
+    with TestClient(make_fleet(metrics=metrics).app) as http:
+        for stream in (False, True, False, True):
+            http.post(CHAT_PATH, json=chat(stream=stream))
+        http.post(CHAT_PATH, json=chat(model="nope"))
+    assert len(metrics.finished) == 5
+    assert_paired(metrics, dispatched=4)
+
+
+async def _post_then_leave(
+    app: FastAPI, body: dict[str, Any], leave_after_s: float
+) -> list[Message]:
+    """POST ``body`` over raw ASGI, then report ``http.disconnect`` after a delay, as
+    uvicorn does when the socket closes; returns what the app sent."""
+    raw = json.dumps(body).encode()
+    sent: list[Message] = []
+    body_read = False
+
+    async def receive() -> Message:
+        nonlocal body_read
+        if not body_read:
+            body_read = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.sleep(leave_after_s)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": CHAT_PATH,
+        "raw_path": CHAT_PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    await asyncio.sleep(0.1)  # anything late (a second finish) would land by now
+    return sent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_is_finished_once_as_499(stream: bool) -> None:
+    metrics = RecordingMetrics()
+    fleet = make_fleet(token_delay_s=0.05, metrics=metrics)
+    long_answer = chat("count with me", max_tokens=MAX_TOKENS_LIMIT, ignore_eos=True, stream=stream)
+    asyncio.run(_post_then_leave(fleet.app, long_answer, leave_after_s=0.3))
+    assert_paired(metrics, dispatched=1)
+    [record] = metrics.finished
+    assert (record.status, record.disconnected, record.stream) == (499, True, stream)
+    if stream:  # no usage chunk came: the frames relayed before the client left count
+        assert record.completion_tokens is not None and record.completion_tokens > 0
+
+
+def test_a_client_that_leaves_while_queued_is_finished_once_and_never_dispatched() -> None:
+    status, metrics = FakeStatusSource(), RecordingMetrics()
+    status.set(CHAT_MODEL, "loading")
+    policy = {CHAT_MODEL: queue_policy(queue_timeout_s=30.0)}
+    fleet = make_fleet(status=status, metrics=metrics, model_fields=policy)
+    started = time.monotonic()
+    sent = asyncio.run(_post_then_leave(fleet.app, chat(), leave_after_s=0.2))
+    assert time.monotonic() - started < 5.0  # not the 30 s queue timeout
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+    assert metrics.dispatched == []
+    [record] = metrics.finished
+    assert (record.status, record.disconnected, record.model) == (499, True, CHAT_MODEL)
+
+
+# --- the access log ------------------------------------------------------------------------
+
+ACCESS_FIELDS = (
+    "request_id",
+    "model",
+    "endpoint",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+)
+
+
+def access_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "llm_fleet.access"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_access_line_per_request_without_prompt_or_answer(
+    caplog: pytest.LogCaptureFixture, stream: bool
+) -> None:
+    marker = "zebra-7f3c-secret-marker"
+    caplog.set_level(logging.INFO, logger="llm_fleet.access")
+    headers = {"X-Request-Id": "access-1"}
+    with TestClient(make_fleet().app) as http:
+        response = http.post(
+            CHAT_PATH, json=chat(f"tell {marker} back", stream=stream), headers=headers
+        )
+    assert marker in response.text  # the fake echoes it: the answer carries it too
+    [record] = access_records(caplog)
+    fields = {key: vars(record)[key] for key in ACCESS_FIELDS}  # the extra fields
+    assert fields["request_id"] == "access-1"
+    assert (fields["model"], fields["endpoint"], fields["status"]) == (CHAT_MODEL, "chat", 200)
+    assert (fields["prompt_tokens"], fields["completion_tokens"]) == (3, 3)
+    assert isinstance(fields["latency_ms"], float) and fields["latency_ms"] >= 0
+    assert vars(record)["stream"] is stream
+
+    line = JSONFormatter().format(record)
+    parsed = json.loads(line)
+    assert {key: parsed[key] for key in ACCESS_FIELDS} == fields
+    assert parsed["levelname"] == "INFO"
+    assert marker not in line
+    assert marker not in record.getMessage()
+
+
+def test_refused_requests_are_logged_once_each(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="llm_fleet.access")
+    with TestClient(make_fleet().app) as http:
+        http.post(CHAT_PATH, json=chat(model="gpt-17"), headers={"X-Request-Id": "r-404"})
+        http.post(CHAT_PATH, json=chat(max_tokens=10_000), headers={"X-Request-Id": "r-400"})
+        http.post(CHAT_PATH, json=chat(), headers={"X-Request-Id": "r-200"})
+    records = access_records(caplog)
+    logged = {vars(r)["request_id"]: vars(r) for r in records}
+    assert len(records) == 3
+    assert {rid: fields["status"] for rid, fields in logged.items()} == {
+        "r-404": 404,
+        "r-400": 400,
+        "r-200": 200,
+    }
+    assert logged["r-404"]["model"] == "unknown"
+    assert logged["r-400"]["error_code"] == "max_tokens_exceeded"
