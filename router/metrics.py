@@ -171,6 +171,10 @@ class RayRouterMetrics:
                 self._after_disconnect.inc(record.tokens_after_disconnect, tags={"model": model})
 
     def models_updated(self, statuses: Mapping[str, ModelStatus]) -> None:
+        # Ray drops a gauge not set for two report intervals: refresh every poll, so an
+        # idle model shows 0 in flight rather than no data.
+        for model in statuses:
+            self._in_flight.set(self._flying[model], tags={"model": model})
         for model, status in statuses.items():
             tags = {"model": model}
             self._ready.set(1 if status.state == "ready" else 0, tags=tags)

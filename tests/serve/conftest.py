@@ -62,7 +62,7 @@ class Fleet:
     startup: StartupObservations
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -212,7 +212,7 @@ def _wait_ready(base_url: str, process: Any, log: Path) -> StartupObservations:
 @pytest.fixture(scope="package")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("fleet")
-    port = _free_port()
+    port = free_port()
     servers = _stage_weights(tmp)
     config = _test_config(tmp, port, servers.commit)
     log = tmp / "serve.log"

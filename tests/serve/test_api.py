@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.serve.conftest import (
+    BROKEN_ENGINE_MODEL,
     CHAT_MODEL,
     COMPLETION_MODEL,
     HF_MODEL,
@@ -35,7 +36,14 @@ def client(fleet: Fleet) -> openai.OpenAI:
 
 def test_models_lists_every_configured_model(client: openai.OpenAI) -> None:
     ids = {model.id for model in client.models.list()}
-    assert ids == {CHAT_MODEL, COMPLETION_MODEL, S3_MODEL, HF_MODEL, UNREACHABLE_MODEL}
+    assert ids == {
+        CHAT_MODEL,
+        COMPLETION_MODEL,
+        S3_MODEL,
+        HF_MODEL,
+        UNREACHABLE_MODEL,
+        BROKEN_ENGINE_MODEL,
+    }
 
 
 def test_chat_answers_paris(client: openai.OpenAI) -> None:

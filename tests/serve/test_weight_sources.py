@@ -36,11 +36,42 @@ def _answer(client: openai.OpenAI, model: str) -> str:
     return reply.choices[0].message.content or ""
 
 
-@pytest.mark.parametrize("remote", [S3_MODEL, HF_MODEL])
-def test_remote_weights_answer_like_the_local_model(client: openai.OpenAI, remote: str) -> None:
+def _answer_when_up(client: openai.OpenAI, model: str) -> tuple[str, list[str]]:
+    """Retry as a client should while the model starts: on 503, after Retry-After.
+
+    Returns the answer and the Retry-After values of the 503s met on the way.
+    """
+    waits: list[str] = []
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            return _answer(client, model), waits
+        except openai.APIStatusError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            if exc.status_code != 503 or body.get("code") != "model_not_ready":
+                raise
+            if time.monotonic() > deadline:
+                raise
+            waits.append(exc.response.headers["retry-after"])
+            time.sleep(int(waits[-1]))
+
+
+def test_s3_model_scaled_to_zero_says_when_to_retry_then_answers(client: openai.OpenAI) -> None:
     local = _answer(client, CHAT_MODEL)
     assert "Paris" in local
-    assert _answer(client, remote) == local
+    # Idle since the fixture loaded it: scaled to zero, and it rejects (the default).
+    answer, waits = _answer_when_up(client, S3_MODEL)
+    assert answer == local
+    assert waits and set(waits) == {"2"}, waits
+
+
+def test_hf_model_scaled_to_zero_holds_the_request_until_it_answers(client: openai.OpenAI) -> None:
+    local = _answer(client, CHAT_MODEL)
+    # action: queue: one plain request waits for the replica that it asks for.
+    slow = client.with_options(timeout=300)
+    started = time.monotonic()
+    assert _answer(slow, HF_MODEL) == local
+    assert time.monotonic() - started > 2, "the model was not scaled to zero"
 
 
 def test_replica_logged_its_download_progress(fleet: Fleet) -> None:
@@ -69,4 +100,4 @@ def test_unreachable_store_fails_that_model_with_the_reason(client: openai.OpenA
     assert str(status.status).endswith(("DEPLOY_FAILED", "UNHEALTHY", "UPDATING")), status
     # The others keep serving.
     assert "Paris" in _answer(client, CHAT_MODEL)
-    assert "Paris" in _answer(client, S3_MODEL)
+    assert "Paris" in _answer_when_up(client, S3_MODEL)[0]
