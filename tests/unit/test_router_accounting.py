@@ -1,15 +1,11 @@
-"""Operating the gateway: health, readiness gating, Server-Timing, usage, metrics, access log.
-
-The app runs over fake engines with a ``FakeStatusSource`` standing where the Ray
-Serve status board stands and ``RecordingMetrics`` where the Ray metrics stand.
-"""
+"""Per-request accounting over the fake engine: Server-Timing, stream usage, metrics
+records, the access log."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -21,7 +17,6 @@ from ray._common.formatters import JSONFormatter
 from starlette.types import Message
 
 from deployments.errors import ServiceUnavailableError
-from router.model_status import State
 from tests.fakes import (
     CHAT_MODEL,
     COMPLETIONS_MODEL,
@@ -36,262 +31,16 @@ from tests.fakes import (
 if TYPE_CHECKING:
     import httpx2  # what starlette's TestClient is built on
 
-CHAT_PATH = "/v1/chat/completions"
-COMPLETIONS_PATH = "/v1/completions"
-SERVER_TIMING_ENTRY = re.compile(r"^(?P<name>[a-z]+);dur=(?P<ms>\d+(?:\.\d+)?)$")
-
-
-def chat(text: str = "alpha beta gamma", **fields: Any) -> dict[str, Any]:
-    return {"model": CHAT_MODEL, "messages": [{"role": "user", "content": text}], **fields}
-
-
-def request_for(
-    route: str, text: str = "one two three", **fields: Any
-) -> tuple[str, dict[str, Any]]:
-    if route == "chat":
-        return CHAT_PATH, chat(text, **fields)
-    return COMPLETIONS_PATH, {"model": COMPLETIONS_MODEL, "prompt": text, **fields}
-
-
-def sse_payloads(response: httpx2.Response) -> list[dict[str, Any]]:
-    """The JSON chunks of a whole SSE body that ends with [DONE]."""
-    frames = response.text.split("\n\n")
-    assert frames[-2:] == ["data: [DONE]", ""], response.text[-200:]
-    return [json.loads(frame.removeprefix("data: ")) for frame in frames[:-2]]
-
-
-def openai_error(response: httpx2.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error: dict[str, Any] = body["error"]
-    assert set(error) == {"message", "type", "param", "code", "request_id"}, error
-    assert error["code"] == code, error
-    assert error["request_id"] == response.headers["x-request-id"]
-    return error
-
-
-def server_timing(response: httpx2.Response) -> dict[str, float]:
-    """Server-Timing as {name: milliseconds}, after checking every entry's syntax."""
-    timings: dict[str, float] = {}
-    for entry in response.headers["server-timing"].split(", "):
-        match = SERVER_TIMING_ENTRY.match(entry)
-        assert match is not None, entry
-        timings[match["name"]] = float(match["ms"])
-    return timings
-
-
-def queue_policy(*, retry_after_s: int = 15, queue_timeout_s: float = 300.0) -> dict[str, Any]:
-    unavailable = {
-        "action": "queue",
-        "retry_after_s": retry_after_s,
-        "queue_timeout_s": queue_timeout_s,
-    }
-    return {"unavailable": unavailable}
-
-
-# --- /health/live and /health/ready --------------------------------------------------
-
-
-def test_ready_is_503_while_a_required_model_loads() -> None:
-    status = FakeStatusSource()
-    status.set(CHAT_MODEL, "ready")
-    status.set(COMPLETIONS_MODEL, "downloading")
-    with TestClient(make_fleet(status=status).app) as http:
-        response = http.get("/health/ready")
-    assert response.status_code == 503
-    body = response.json()
-    assert body["status"] == "not_ready"
-    assert set(body["models"]) == {CHAT_MODEL, COMPLETIONS_MODEL}  # allowed models only
-    assert body["models"][CHAT_MODEL]["state"] == "ready"
-    loading = body["models"][COMPLETIONS_MODEL]
-    assert loading["state"] == "downloading"
-    assert loading["required_for_readiness"] is True
-    assert loading["replicas"] == {"running": 0, "starting": 1, "min": 1, "max": 2}
-
-
-def test_ready_is_200_when_required_models_run_even_if_a_scaled_to_zero_one_is_idle() -> None:
-    status = FakeStatusSource()
-    status.set(CHAT_MODEL, "ready")
-    status.set(COMPLETIONS_MODEL, "idle", reason="scaled to zero", min_replicas=0)
-    scaled_to_zero = {COMPLETIONS_MODEL: {"autoscaling": {"min_replicas": 0}}}
-    with TestClient(make_fleet(status=status, model_fields=scaled_to_zero).app) as http:
-        response = http.get("/health/ready")
-    assert response.status_code == 200
-    body = response.json()
-    assert body["status"] == "ready"
-    idle = body["models"][COMPLETIONS_MODEL]
-    assert (idle["state"], idle["reason"], idle["required_for_readiness"]) == (
-        "idle",
-        "scaled to zero",
-        False,
-    )
-
-
-def test_a_failed_models_reason_shows_in_the_readiness_body() -> None:
-    status = FakeStatusSource()
-    status.set(CHAT_MODEL, "failed", reason="CUDA out of memory")
-    status.set(COMPLETIONS_MODEL, "ready")
-    with TestClient(make_fleet(status=status).app) as http:
-        ready = http.get("/health/ready")
-        live = http.get("/health/live")
-    assert ready.status_code == 503
-    failed = ready.json()["models"][CHAT_MODEL]
-    assert (failed["state"], failed["reason"]) == ("failed", "CUDA out of memory")
-    assert live.status_code == 200
-    assert live.json()["models"][CHAT_MODEL]["reason"] == "CUDA out of memory"
-
-
-@pytest.mark.parametrize("source", ["always-ready", "empty"])
-def test_before_any_status_read_nothing_is_ready(source: str) -> None:
-    # Without a source the app uses AlwaysReady; the board's is empty until its first poll.
-    status = FakeStatusSource() if source == "empty" else None
-    with TestClient(make_fleet(status=status).app) as http:
-        ready = http.get("/health/ready")
-        live = http.get("/health/live")
-    assert ready.status_code == 503
-    assert ready.json()["status"] == "not_ready"
-    for body in (ready.json(), live.json()):
-        assert {m: s["state"] for m, s in body["models"].items()} == {
-            CHAT_MODEL: "unknown",
-            COMPLETIONS_MODEL: "unknown",
-        }
-        assert body["models"][CHAT_MODEL]["required_for_readiness"] is True
-
-
-def test_an_unknown_models_entry_has_the_documented_keys() -> None:
-    with TestClient(make_fleet().app) as http:
-        entry = http.get("/health/ready").json()["models"][CHAT_MODEL]
-    assert set(entry) == {
-        "state",
-        "reason",
-        "required_for_readiness",
-        "replicas",
-        "loading_for_s",
-    }
-
-
-@pytest.mark.parametrize("state", ["ready", "loading", "failed", "idle"])
-def test_live_is_200_whatever_the_models_do(state: State) -> None:
-    status = FakeStatusSource()
-    status.set(CHAT_MODEL, state)
-    with TestClient(make_fleet(status=status).app) as http:
-        response = http.get("/health/live")
-    assert response.status_code == 200
-    body = response.json()
-    assert body["status"] == "live"
-    assert body["models"][CHAT_MODEL]["state"] == state
-    assert body["models"][COMPLETIONS_MODEL]["state"] == "unknown"
-
-
-# --- gating requests on model readiness ------------------------------------------------
-
-
-@pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("state", ["loading", "downloading"])
-def test_a_loading_model_is_503_at_once_with_its_retry_after(state: State, stream: bool) -> None:
-    status, metrics = FakeStatusSource(), RecordingMetrics()
-    status.set(CHAT_MODEL, state)
-    policy = {CHAT_MODEL: {"unavailable": {"retry_after_s": 42}}}
-    fleet = make_fleet(status=status, metrics=metrics, model_fields=policy)
-    with TestClient(fleet.app) as http:
-        started = time.monotonic()
-        response = http.post(CHAT_PATH, json=chat(stream=stream))
-        elapsed = time.monotonic() - started
-    error = openai_error(response, 503, "model_not_ready")
-    assert elapsed < 0.5
-    assert response.headers["retry-after"] == "42"
-    assert response.headers["content-type"] == "application/json"
-    assert (error["type"], error["param"]) == ("service_unavailable", "model")
-    assert error["message"] == f"Model '{CHAT_MODEL}' is {state}; retry in 42 s."
-    assert metrics.dispatched == []  # no engine saw it
-
-
-def test_other_models_are_served_while_one_loads() -> None:
-    status = FakeStatusSource()
-    status.set(CHAT_MODEL, "ready")
-    status.set(COMPLETIONS_MODEL, "loading")
-    with TestClient(make_fleet(status=status).app) as http:
-        answer = http.post(CHAT_PATH, json=chat())
-        refused = http.post(COMPLETIONS_PATH, json={"model": COMPLETIONS_MODEL, "prompt": "hi"})
-    assert answer.status_code == 200
-    assert answer.json()["choices"][0]["message"]["content"] == "alpha beta gamma"
-    openai_error(refused, 503, "model_not_ready")
-    assert refused.headers["retry-after"] == "15"  # the policy's default
-
-
-def test_an_idle_model_is_woken_and_answered_503() -> None:
-    status = FakeStatusSource()
-    status.set(CHAT_MODEL, "idle", reason="scaled to zero", min_replicas=0)
-    with TestClient(make_fleet(status=status).app) as http:
-        response = http.post(CHAT_PATH, json=chat())
-    error = openai_error(response, 503, "model_not_ready")
-    assert "scaled to zero and starting" in error["message"]
-    assert status.woken == [CHAT_MODEL]
-
-
-@pytest.mark.parametrize("action", ["reject", "queue"])
-def test_a_failed_model_is_503_at_once_and_not_woken(action: str) -> None:
-    status = FakeStatusSource()
-    status.set(CHAT_MODEL, "failed", reason="CUDA out of memory")
-    policy = {CHAT_MODEL: {"unavailable": {"action": action, "retry_after_s": 7}}}
-    with TestClient(make_fleet(status=status, model_fields=policy).app) as http:
-        started = time.monotonic()
-        response = http.post(CHAT_PATH, json=chat())
-        elapsed = time.monotonic() - started
-    error = openai_error(response, 503, "model_not_ready")
-    assert elapsed < 0.5
-    assert response.headers["retry-after"] == "7"
-    assert "failed to start" in error["message"]
-    assert "CUDA" not in error["message"]  # the reason is for operators (/health/ready)
-    assert status.woken == []
-    assert status.waited == []
-
-
-@pytest.mark.parametrize("initial", ["loading", "idle"])
-def test_a_queued_request_waits_and_is_served_when_the_model_is_ready(initial: State) -> None:
-    status = FakeStatusSource()
-    status.set(CHAT_MODEL, initial)
-    status.ready_after_s[CHAT_MODEL] = 0.3
-    policy = {CHAT_MODEL: queue_policy(queue_timeout_s=5.0)}
-    with TestClient(make_fleet(status=status, model_fields=policy).app) as http:
-        started = time.monotonic()
-        response = http.post(CHAT_PATH, json=chat("wait for me"))
-        elapsed = time.monotonic() - started
-    assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["message"]["content"] == "wait for me"
-    assert 0.3 <= elapsed < 3.0
-    assert status.woken == [CHAT_MODEL]
-    assert status.waited == [(CHAT_MODEL, 5.0)]
-
-
-def test_a_queued_request_gets_503_when_the_queue_timeout_passes() -> None:
-    status = FakeStatusSource()
-    status.set(CHAT_MODEL, "loading")
-    policy = {CHAT_MODEL: queue_policy(retry_after_s=9, queue_timeout_s=0.3)}
-    with TestClient(make_fleet(status=status, model_fields=policy).app) as http:
-        started = time.monotonic()
-        response = http.post(CHAT_PATH, json=chat())
-        elapsed = time.monotonic() - started
-    openai_error(response, 503, "model_not_ready")
-    assert response.headers["retry-after"] == "9"
-    assert 0.3 <= elapsed < 3.0
-    assert status.waited == [(CHAT_MODEL, 0.3)]
-
-
-def test_models_show_their_status_when_the_source_knows_it() -> None:
-    status = FakeStatusSource()
-    status.set(CHAT_MODEL, "downloading")
-    with TestClient(make_fleet(status=status).app) as http:
-        listed = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
-        one = http.get(f"/v1/models/{CHAT_MODEL}").json()
-        status.set(COMPLETIONS_MODEL, "ready")
-        other = http.get(f"/v1/models/{COMPLETIONS_MODEL}").json()
-    assert listed[CHAT_MODEL]["status"] == "downloading"
-    assert "status" not in listed[COMPLETIONS_MODEL]  # not read yet
-    assert one["status"] == "downloading"
-    assert other["status"] == "ready"
-
+from tests.unit.ops_helpers import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    chat,
+    openai_error,
+    queue_policy,
+    request_for,
+    server_timing,
+    sse_payloads,
+)
 
 # --- Server-Timing ------------------------------------------------------------------
 
