@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import Message
 
 from deployments.config import FleetConfig
 from deployments.engine import Reply, Route
@@ -218,3 +220,51 @@ def make_fleet(
     config = fleet_config(model_fields=model_fields, **router)
     app = create_app(config, clients, status=status, metrics=metrics, metrics_text=metrics_text)
     return Fleet(app=app, engines=engines)
+
+
+async def post_then_leave(
+    app: FastAPI,
+    path: str,
+    body: dict[str, Any],
+    leave_after_s: float,
+    on_leave: Callable[[], Awaitable[None]] | None = None,
+) -> list[Message]:
+    """POST ``body`` over raw ASGI, then report ``http.disconnect`` after a delay, as
+    uvicorn does when the socket closes; ``on_leave`` runs just before. Returns what the
+    app sent."""
+    raw = json.dumps(body).encode()
+    sent: list[Message] = []
+    body_read = False
+
+    async def receive() -> Message:
+        nonlocal body_read
+        if not body_read:
+            body_read = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.sleep(leave_after_s)
+        if on_leave is not None:
+            await on_leave()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(raw)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    return sent

@@ -183,7 +183,10 @@ def _wait_ready(base_url: str, process: Any, log: Path) -> StartupObservations:
     seen = StartupObservations()
     deadline = time.monotonic() + READY_TIMEOUT_S
     started = time.monotonic()
+    # The remote models start with one replica and may scale to zero soon after: each
+    # must have been ready once, not all at the same moment.
     wanted = {CHAT_MODEL, COMPLETION_MODEL, S3_MODEL, HF_MODEL}
+    was_ready: set[str] = set()
     last: tuple[int, dict[str, Any]] | None = None
     while True:
         if process.poll() is not None:
@@ -202,7 +205,8 @@ def _wait_ready(base_url: str, process: Any, log: Path) -> StartupObservations:
             last = (reply.status_code, states)
         if reply.status_code != 200 and states.get(CHAT_MODEL) != "ready":
             _probe_loading_model(base_url, seen)
-        if reply.status_code == 200 and all(states.get(m) == "ready" for m in wanted):
+        was_ready |= {m for m, state in states.items() if state == "ready"}
+        if reply.status_code == 200 and wanted <= was_ready:
             return seen
         time.sleep(1)
 

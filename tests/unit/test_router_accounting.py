@@ -26,6 +26,7 @@ from tests.fakes import (
     FakeStatusSource,
     RecordingMetrics,
     make_fleet,
+    post_then_leave,
 )
 
 if TYPE_CHECKING:
@@ -299,38 +300,7 @@ def test_many_requests_pair_up() -> None:
 async def _post_then_leave(
     app: FastAPI, body: dict[str, Any], leave_after_s: float
 ) -> list[Message]:
-    """POST ``body`` over raw ASGI, then report ``http.disconnect`` after a delay, as
-    uvicorn does when the socket closes; returns what the app sent."""
-    raw = json.dumps(body).encode()
-    sent: list[Message] = []
-    body_read = False
-
-    async def receive() -> Message:
-        nonlocal body_read
-        if not body_read:
-            body_read = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await asyncio.sleep(leave_after_s)
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": CHAT_PATH,
-        "raw_path": CHAT_PATH.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    sent = await post_then_leave(app, CHAT_PATH, body, leave_after_s)
     await asyncio.sleep(0.1)  # anything late (a second finish) would land by now
     return sent
 

@@ -7,55 +7,26 @@ The test plays the server: ``receive`` hands over the request body, then reports
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
-from starlette.types import Message
-
-from tests.fakes import CHAT_MODEL, MAX_TOKENS_LIMIT, Fleet, make_fleet
+from tests.fakes import CHAT_MODEL, MAX_TOKENS_LIMIT, Fleet, make_fleet, post_then_leave
 
 TOKEN_DELAY_S = 0.05  # MAX_TOKENS_LIMIT tokens take ~3 s: far longer than the client stays
 
 
 async def _leave_after(fleet: Fleet, body: dict[str, Any], delay_s: float) -> dict[str, Any]:
     """POST ``body``, disconnect after ``delay_s``; what was sent and seen, when it ended."""
-    raw = json.dumps(body).encode()
-    sent: list[Message] = []
-    seen: dict[str, Any] = {"body_read": False}
+    seen: dict[str, Any] = {}
 
-    async def receive() -> Message:
-        if not seen["body_read"]:
-            seen["body_read"] = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await asyncio.sleep(delay_s)
+    async def note_unfinished() -> None:
         seen.setdefault("unfinished_at_disconnect", await fleet.unfinished())
-        return {"type": "http.disconnect"}
 
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(raw)).encode()),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
     started = time.monotonic()
-    await asyncio.wait_for(fleet.app(scope, receive, send), timeout=10)
+    seen["sent"] = await post_then_leave(
+        fleet.app, "/v1/chat/completions", body, delay_s, on_leave=note_unfinished
+    )
     seen["elapsed_s"] = time.monotonic() - started
-    seen["sent"] = sent
     seen["unfinished_after"] = await fleet.unfinished()
     return seen
 
