@@ -39,14 +39,17 @@ def _answer(client: openai.OpenAI, model: str) -> str:
 def _answer_when_up(client: openai.OpenAI, model: str) -> tuple[str, list[str]]:
     """Retry as a client should while the model starts: on 503, after Retry-After.
 
-    Returns the answer and the Retry-After values of the 503s met on the way.
+    Returns the answer and the Retry-After values of the 503s met on the way; each 503
+    must come within a second (the request is refused, not held while the model loads).
     """
     waits: list[str] = []
     deadline = time.monotonic() + 300
     while True:
+        started = time.monotonic()
         try:
             return _answer(client, model), waits
         except openai.APIStatusError as exc:
+            assert time.monotonic() - started < 1.0, "a 503 came late"
             body = exc.body if isinstance(exc.body, dict) else {}
             if exc.status_code != 503 or body.get("code") != "model_not_ready":
                 raise
