@@ -49,10 +49,10 @@ def _answer_when_up(client: openai.OpenAI, model: str) -> tuple[str, list[str]]:
         try:
             return _answer(client, model), waits
         except openai.APIStatusError as exc:
-            assert time.monotonic() - started < 1.0, "a 503 came late"
             body = exc.body if isinstance(exc.body, dict) else {}
             if exc.status_code != 503 or body.get("code") != "model_not_ready":
                 raise
+            assert time.monotonic() - started < 1.0, "a 503 came late"
             if time.monotonic() > deadline:
                 raise
             waits.append(exc.response.headers["retry-after"])
