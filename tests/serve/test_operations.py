@@ -157,9 +157,17 @@ def prometheus(
 
 
 def _settled(prometheus: Prometheus, promql: str) -> float:
-    """The query's value once two readings 3 s apart agree (0 for no series)."""
-    last = None
+    """The query's value once every node is scraped and two readings 3 s apart agree
+    (0 for no series: nothing counted yet)."""
     deadline = time.monotonic() + SCRAPE_WAIT_S
+    while True:
+        up = prometheus.query('up{job="ray"}')
+        if up and all(series["value"][1] == "1" for series in up):
+            break
+        assert time.monotonic() < deadline, f"Ray's nodes never scraped: {up}"
+        time.sleep(1)
+    time.sleep(5)  # a few scrapes of what the workers reported before now
+    last = None
     while time.monotonic() < deadline:
         value = prometheus.scalar(promql) or 0.0
         if value == last:
