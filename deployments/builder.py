@@ -11,6 +11,8 @@ Environment overrides, read here and only here (replicas get objects, not env):
 - ``LLM_DEFAULT_MAX_TOKENS`` / ``LLM_MAX_TOKENS_LIMIT``: override every model's
   ``limits.default_max_tokens`` / ``limits.max_tokens_limit``.
 - ``CORS_ALLOWED_ORIGINS``: comma-separated origins; replaces ``router.cors_allowed_origins``.
+- ``LLM_FLEET_KEYS_FILE``: absolute path of the API keys file; replaces
+  ``router.keys_file`` (the same variable is the ``llm-fleet keys`` default ``--file``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ ENV_ALLOWED_MODELS = "LLM_ALLOWED_MODELS"
 ENV_DEFAULT_MAX_TOKENS = "LLM_DEFAULT_MAX_TOKENS"
 ENV_MAX_TOKENS_LIMIT = "LLM_MAX_TOKENS_LIMIT"
 ENV_CORS_ALLOWED_ORIGINS = "CORS_ALLOWED_ORIGINS"
+ENV_KEYS_FILE = "LLM_FLEET_KEYS_FILE"
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -110,6 +113,15 @@ def load_config(args: Mapping[str, Any], environ: Mapping[str, str]) -> FleetCon
     origins = environ.get(ENV_CORS_ALLOWED_ORIGINS)
     if origins is not None and origins.strip():
         router = config.router.model_copy(update={"cors_allowed_origins": _split(origins)})
+        config = config.model_copy(update={"router": router})
+    keys_file = environ.get(ENV_KEYS_FILE, "").strip()
+    if keys_file:
+        try:
+            router = type(config.router).model_validate(
+                {**config.router.model_dump(), "keys_file": keys_file}
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"{ENV_KEYS_FILE}: " + describe_validation_error(exc)) from None
         config = config.model_copy(update={"router": router})
     return config
 

@@ -6,12 +6,14 @@
     llm-fleet models prepare [ID...]    convert embedded models (all by default)
     llm-fleet models list               embedded ids, whether each is prepared, the store
     llm-fleet weights push|pull|verify  stage weights in S3, pre-warm or check the cache
+    llm-fleet keys create|list|revoke   API keys (``--file``, default $LLM_FLEET_KEYS_FILE)
     llm-fleet serve FILE                validate FILE, then ``serve run FILE`` until Ctrl-C
 
 ``validate`` applies the same env overrides as a deployment (``LLM_ALLOWED_MODELS``...).
 
 Exit codes: 0 ok; 1 invalid config, no llm-fleet application in a file, or a model
 that failed to prepare; 2 usage error, or a file that cannot be read or parsed as YAML.
+``keys``: 0 ok, 2 usage or an invalid keys file, an unknown or duplicate key name.
 """
 
 from __future__ import annotations
@@ -20,18 +22,20 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from deployments import embedded
-from deployments.builder import load_config
+from deployments import embedded, keys
+from deployments.builder import ENV_KEYS_FILE, load_config
 from deployments.errors import ConfigError, ModelPreparationError
 from deployments.weights.commands import add_parser as add_weights_commands
 
 APP_IMPORT_PATH = "router.builder:build_app"
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+Handler = Callable[[argparse.Namespace], int]
 
 
 def _error(message: str) -> None:
@@ -113,6 +117,94 @@ def _list(options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _keys_file(options: argparse.Namespace) -> str:
+    path: str | None = options.file or os.environ.get(ENV_KEYS_FILE) or None
+    if path is None:
+        raise ConfigError(f"no keys file: pass --file or set {ENV_KEYS_FILE}")
+    return path
+
+
+def _create_key(options: argparse.Namespace) -> int:
+    path = _keys_file(options)
+    models = [m.strip() for m in options.models.split(",") if m.strip()]
+    key = keys.create_key(
+        path,
+        options.name,
+        models=models or None,
+        rpm=options.rpm,
+        tpm=options.tpm,
+        max_tokens=options.max_tokens,
+        concurrency=options.concurrency,
+    )
+    print(key)
+    created = next(k for k in keys.list_keys(path) if k.name == options.name)
+    _error(
+        f"key {created.name!r} (id {created.id}) added to {path}. Copy it now: only its "
+        "hash is stored, it cannot be shown again."
+    )
+    return EXIT_OK
+
+
+def _list_keys(options: argparse.Namespace) -> int:
+    def shown(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    listed = keys.list_keys(_keys_file(options))
+    print("name\tid\tmodels\trpm\ttpm\tmax_tokens\tconcurrency\tstate\tcreated")
+    for key in listed:
+        limits = (key.rpm, key.tpm, key.max_tokens, key.concurrency)
+        state = "revoked" if key.revoked else "active"
+        created = key.created.strftime("%Y-%m-%dT%H:%M:%SZ")
+        print(
+            "\t".join([key.name, key.id, ",".join(key.models), *map(shown, limits), state, created])
+        )
+    return EXIT_OK
+
+
+def _revoke_key(options: argparse.Namespace) -> int:
+    entry = keys.revoke_key(_keys_file(options), options.key)
+    print(f"key {entry.name!r} (id {entry.id}) is revoked")
+    return EXIT_OK
+
+
+def _keys_command(command: Callable[[argparse.Namespace], int]) -> Handler:
+    def handler(options: argparse.Namespace) -> int:
+        try:
+            return command(options)
+        except ConfigError as exc:
+            for line in str(exc).splitlines():
+                _error(f"llm-fleet keys: {line}")
+            return EXIT_USAGE
+
+    return handler
+
+
+def _add_keys_commands(commands: Any) -> None:
+    sub = commands.add_parser("keys", help="API keys: create, list, revoke").add_subparsers(
+        dest="keys_command", required=True
+    )
+    file_help = f"the keys file (default: ${ENV_KEYS_FILE})"
+    create = sub.add_parser("create", help="add a key and print it, once")
+    create.add_argument("--file", help=file_help)
+    create.add_argument("--name", required=True, help="unique name of the key's holder")
+    create.add_argument("--models", default="*", help="comma-separated model ids (default: *)")
+    for flag, what in (
+        ("--rpm", "requests per minute"),
+        ("--tpm", "prompt + completion tokens per minute"),
+        ("--max-tokens", "cap on max_tokens, below each model's limit"),
+        ("--concurrency", "requests in flight at once"),
+    ):
+        create.add_argument(flag, type=int, help=f"{what} (default: no limit)")
+    create.set_defaults(handler=_keys_command(_create_key))
+    listing = sub.add_parser("list", help="names, ids, models, limits; never keys or hashes")
+    listing.add_argument("--file", help=file_help)
+    listing.set_defaults(handler=_keys_command(_list_keys))
+    revoke = sub.add_parser("revoke", help="revoke a key by name or id")
+    revoke.add_argument("--file", help=file_help)
+    revoke.add_argument("key", metavar="NAME_OR_ID")
+    revoke.set_defaults(handler=_keys_command(_revoke_key))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-fleet", description="llm-fleet tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.set_defaults(handler=_prepare)
     models.add_parser("list", help="list embedded models").set_defaults(handler=_list)
     add_weights_commands(commands)
+    _add_keys_commands(commands)
     serve = commands.add_parser("serve", help="validate, then serve a config in the foreground")
     serve.add_argument("file", metavar="FILE")
     serve.set_defaults(handler=_serve)

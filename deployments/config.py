@@ -266,6 +266,21 @@ class RouterConfig(StrictModel):
         description="Serve GET /metrics on the gateway port: the Prometheus text of the node "
         "the answering router replica runs on. Off: 404.",
     )
+    keys_file: str | None = Field(
+        None,
+        description="Absolute path of the API keys file (see deployments/keys.py), readable "
+        "on every node that runs a router replica; re-read when it changes. With a file, "
+        "every route but /health/* needs a valid key. With none, auth is off and the router "
+        "logs a loud warning at startup. LLM_FLEET_KEYS_FILE overrides it.",
+    )
+
+    @field_validator("keys_file")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        # Router replicas run on other nodes and in other working directories.
+        if value is not None and not value.startswith("/"):
+            raise ValueError("keys_file must be an absolute path")
+        return value
 
 
 class FleetConfig(StrictModel):

@@ -9,7 +9,9 @@
         │                            OpenAI error fields (type, code, param)
         ├── BadRequestError          400 invalid_request_error
         │   └── TokenLimitError      400 max_tokens over a limit, or over the context
-        ├── ModelNotFoundError       404 unknown or not-allowed model
+        ├── AuthenticationError      401 missing, malformed, unknown or revoked API key
+        ├── ModelNotFoundError       404 unknown or not-allowed model (for the config or the key)
+        ├── QuotaExceededError       429 the key's rpm, tpm or concurrency limit is reached
         ├── ServiceUnavailableError  503 no replica can take the request now
         │   └── ModelNotReadyError   503 the model is loading, scaled to zero or failed
         └── InternalServerError      500; its message never reaches the client
@@ -19,6 +21,8 @@ an HTTP response and to an SSE frame, in exactly two functions.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 
 class FleetError(Exception):
@@ -40,7 +44,7 @@ class APIError(FleetError):
     error_type: str = "server_error"
     default_code: str | None = None
     # Why the router refused a request before any engine saw it (a metric label):
-    # allowlist, limits, bad_request, overload or unavailable.
+    # allowlist, limits, bad_request, overload, unavailable, auth or quota.
     rejection: str | None = None
 
     def __init__(
@@ -81,6 +85,19 @@ class RequestTooLargeError(APIError):
     rejection = "limits"
 
 
+class AuthenticationError(APIError):
+    """No valid API key. One message for every cause, so a caller learns nothing about
+    which keys exist or were revoked."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+    rejection = "auth"
+
+    def __init__(self) -> None:
+        super().__init__("Invalid or missing API key.")
+
+
 class ModelNotFoundError(APIError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -93,6 +110,35 @@ class ModelNotFoundError(APIError):
             f"The model '{shown}' does not exist or you do not have access to it.",
             param="model",
         )
+
+
+QuotaLimit = Literal["rpm", "tpm", "concurrency"]
+_QUOTA_CODES: dict[QuotaLimit, str] = {
+    "rpm": "rate_limit_exceeded_rpm",
+    "tpm": "rate_limit_exceeded_tpm",
+    "concurrency": "concurrency_limit_exceeded",
+}
+
+
+class QuotaExceededError(APIError):
+    """The API key reached one of its limits; ``Retry-After`` says when to try again."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    rejection = "quota"
+
+    def __init__(self, limit: QuotaLimit, value: int | None, retry_after_s: int):
+        what = {
+            "rpm": "requests per minute",
+            "tpm": "tokens per minute",
+            "concurrency": "concurrent requests",
+        }[limit]
+        super().__init__(
+            f"This API key reached its limit of {value} {what}; retry in {retry_after_s} s.",
+            code=_QUOTA_CODES[limit],
+            retry_after_s=retry_after_s,
+        )
+        self.limit = limit
 
 
 class ServiceUnavailableError(APIError):

@@ -6,8 +6,9 @@ stream ends or the client leaves. Finishing feeds the metrics (``router/metrics.
 and writes the access log line.
 
 The access log line (logger ``llm_fleet.access``, one per request) carries the
-request id, model, endpoint, status, token counts and latencies, never prompt or
-completion text, nor headers. Inside Ray Serve it goes to the router replica's log
+request id, model, endpoint, status, token counts, latencies and ``key`` (the API
+key's id from the keys file, never the key), never prompt or completion text, nor
+headers. Inside Ray Serve it goes to the router replica's log
 with Serve's own fields; with the app's ``logging_config: {encoding: JSON}`` each line
 is one JSON object whose keys include these fields.
 """
@@ -32,6 +33,7 @@ class RequestRecord:
     endpoint: Route
     started: float = field(default_factory=time.perf_counter)
     model: str = UNKNOWN_MODEL  # a configured id only: metric labels stay bounded
+    key: str | None = None  # the API key's id (never the key); None without auth
     stream: bool = False
     status: int = 200
     error_code: str | None = None
@@ -79,6 +81,11 @@ class RequestRecord:
         if self.completion_tokens is None and self.frames:
             # A stream cut short has no usage chunk: count what was relayed.
             self.completion_tokens = self.frames
+
+    @property
+    def tokens_used(self) -> int:
+        """Prompt + completion tokens known so far (what a key's tpm is charged)."""
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
 
     @property
     def latency_s(self) -> float:
@@ -130,6 +137,7 @@ class RequestRecord:
             "latency_ms": ms(self.latency_s),
             "ttft_ms": ms(self.ttft_s),
             "client_disconnected": self.disconnected,
+            "key": self.key,
         }
 
 

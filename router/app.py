@@ -1,4 +1,4 @@
-"""The OpenAI-compatible FastAPI app: routing, allowlist, token limits, SSE relay.
+"""The OpenAI-compatible FastAPI app: routing, allowlist, API keys, limits, SSE relay.
 
 ``create_app`` takes the validated config and one ``ModelClient`` per allowed model;
 it knows nothing of Ray, so unit tests run it over the fake engine.
@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from deployments.config import FleetConfig, ModelConfig
 from deployments.engine import Reply, Route
@@ -31,17 +32,20 @@ from deployments.errors import (
     api_error_from_status,
 )
 from router.accounting import RequestRecord, log_request
+from router.auth import KeyRing, Principal
 from router.errors import error_frame, error_response
 from router.health import add_health_routes, admit
-from router.limits import apply_token_limits
+from router.limits import apply_token_limits, output_budget
 from router.metrics import NoMetrics, RouterMetrics
 from router.model_client import ModelClient
 from router.model_status import AlwaysReady, ModelStatusSource
 from router.protocol import parse_request
+from router.quota import LimitBackend, LocalLimits, QuotaHold
 from router.request_id import RequestIdMiddleware, request_id_of
 from router.sse import DONE_FRAME, SSE_HEADERS, UsageTap, ask_for_usage
 
 MetricsText = Callable[[], Awaitable[str]]
+Finish = Callable[[RequestRecord], Awaitable[None]]
 
 logger = logging.getLogger("llm_fleet.router")
 T = TypeVar("T")
@@ -93,13 +97,33 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected
 
 
+class _RelayResponse(StreamingResponse):
+    """A stream that is settled however its sending ends.
+
+    Starlette may stop sending before the relay's first step (the client left between
+    the first frame and the response start) or while the relay waits at a ``yield``;
+    either way the relay's own ``finally`` would not run, leaving the engine generating
+    and the request in flight for its key and the metrics. ``settle`` closes both.
+    """
+
+    def __init__(self, relay: AsyncIterator[str], settle: Callable[[], Awaitable[None]]):
+        super().__init__(relay, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._settle = settle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._settle()
+
+
 async def _relay(
     first: str,
     stream: AsyncIterator[str | Reply],
     record: RequestRecord,
     tap: UsageTap,
-    finish: Callable[[RequestRecord], None],
-) -> AsyncIterator[str]:
+    finish: Finish,
+) -> AsyncGenerator[str, None]:
     """Relay frames as they come; an error after the first frame becomes an SSE error frame.
 
     The usage chunk the router asked for is read and dropped unless the client asked
@@ -136,7 +160,7 @@ async def _relay(
         yield DONE_FRAME
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
-        finish(record)
+        await finish(record)
 
 
 def create_app(
@@ -147,6 +171,8 @@ def create_app(
     metrics: RouterMetrics | None = None,
     metrics_text: MetricsText | None = None,
     echo_request_id: bool = True,
+    keys: KeyRing | None = None,
+    limits: LimitBackend | None = None,
 ) -> FastAPI:
     """The gateway for ``config``'s models; ``clients`` has one entry per allowed model.
 
@@ -154,18 +180,41 @@ def create_app(
     model counts as ready); ``metrics`` records each request; ``metrics_text`` gives
     the Prometheus text served at /metrics (none: 404). ``echo_request_id=False``
     behind Ray Serve's proxy, which echoes X-Request-Id itself.
+
+    ``keys``: every route but /health/* needs one of these API keys (401 otherwise),
+    and a key sees only its models (any other is the 404 of an unknown model). None:
+    no auth at all. ``limits`` counts each key's requests, tokens and concurrency
+    (default with keys: in this process, ``LocalLimits``).
     """
     models: dict[str, ModelConfig] = {m.id: m for m in config.models if m.id in clients}
     source = status or AlwaysReady()
     recorder = metrics or NoMetrics()
+    quota = limits or LocalLimits()
     created = int(time.time())
     max_bytes = config.router.max_request_bytes
     app = FastAPI(title="llm-fleet", docs_url=None, redoc_url=None)
 
-    def finish(record: RequestRecord) -> None:
-        record.finish()
-        recorder.request_finished(record)
-        log_request(record)
+    def caller(request: Request) -> Principal | None:
+        """The request's principal; with keys, none is a 401."""
+        return None if keys is None else keys.require(request.headers.get("authorization"))
+
+    def visible(principal: Principal | None) -> dict[str, ModelConfig]:
+        if principal is None:
+            return models
+        return {model_id: m for model_id, m in models.items() if principal.may_use(model_id)}
+
+    def finisher(hold: QuotaHold) -> Finish:
+        """Finish a record once: metrics, the access line, and its key's quota released."""
+
+        async def finish(record: RequestRecord) -> None:
+            if record.finished_at is not None:
+                return
+            record.finish()
+            recorder.request_finished(record)
+            log_request(record)
+            await hold.release(record.tokens_used)
+
+        return finish
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
@@ -208,12 +257,13 @@ def create_app(
         return card
 
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(m) for m in models]}
+    async def list_models(request: Request) -> dict[str, Any]:
+        shown = visible(caller(request))
+        return {"object": "list", "data": [_model_card(m) for m in shown]}
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> dict[str, Any]:
-        if model_id not in models:
+    async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+        if model_id not in visible(caller(request)):
             raise ModelNotFoundError(model_id)
         return _model_card(model_id)
 
@@ -223,21 +273,24 @@ def create_app(
         scrape = metrics_text
 
         @app.get("/metrics")
-        async def prometheus_metrics() -> Response:
+        async def prometheus_metrics(request: Request) -> Response:
+            caller(request)  # with keys, any valid key may read the metrics
             return Response(await scrape(), media_type="text/plain; version=0.0.4")
 
     async def dispatch(
-        route: Route, request: Request, record: RequestRecord
+        route: Route, request: Request, record: RequestRecord, hold: QuotaHold, finish: Finish
     ) -> tuple[Response, bool]:
         """The response, and whether its record is already finished (a stream finishes
         its own record when it ends)."""
         body = await _read_json(request, max_bytes)
         parsed = parse_request(route, body)
-        model = models.get(parsed.model)
+        model = visible(hold.principal).get(parsed.model)
         if model is None:
             raise ModelNotFoundError(parsed.model)
         record.model, record.stream = model.id, bool(parsed.stream)
-        body = apply_token_limits(route, body, model.limits)
+        key_cap = hold.principal.limits.max_tokens if hold.principal is not None else None
+        body = apply_token_limits(route, body, model.limits, key_cap)
+        await hold.take(output_budget(route, body))
         await _unless_disconnected(request, admit(model, source))
         body, drop_usage = ask_for_usage(body)
         record.dispatched()
@@ -262,21 +315,32 @@ def create_app(
             headers = {"Server-Timing": record.server_timing()}
             return JSONResponse(first.body, status_code=first.status, headers=headers), False
         relay = _relay(first, stream, record, UsageTap(drop_usage), finish)
-        response = StreamingResponse(relay, media_type="text/event-stream", headers=SSE_HEADERS)
-        return response, True
+
+        async def settle() -> None:
+            await relay.aclose()  # a relay suspended mid-stream finishes the record itself
+            if record.finished_at is None:  # it never started
+                await stream.aclose()  # type: ignore[attr-defined]
+                record.disconnected, record.status = True, 499
+                await finish(record)
+
+        return _RelayResponse(relay, settle), True
 
     async def serve(route: Route, request: Request) -> Response:
         record = RequestRecord(request_id=request_id_of(request.scope), endpoint=route)
+        hold = QuotaHold(quota, None)
+        finish = finisher(hold)
         try:
-            response, streaming = await dispatch(route, request, record)
+            hold.principal = caller(request)
+            record.key = hold.principal.id if hold.principal is not None else None
+            response, streaming = await dispatch(route, request, record, hold, finish)
         except ClientDisconnected:
             logger.info("request %s: client disconnected before the answer", record.request_id)
             record.disconnected, record.status = True, 499
-            finish(record)
+            await finish(record)
             return Response(status_code=499)
         except APIError as err:
             record.failed(err)
-            finish(record)
+            await finish(record)
             if record.engine_s is not None:
                 response = error_response(err, record.request_id)
                 response.headers["Server-Timing"] = record.server_timing()
@@ -284,11 +348,11 @@ def create_app(
             raise
         except Exception:
             record.status = 500
-            finish(record)
+            await finish(record)
             raise
         if not streaming:
             record.status = response.status_code
-            finish(record)
+            await finish(record)
         return response
 
     @app.post("/v1/chat/completions")

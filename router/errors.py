@@ -32,8 +32,10 @@ def _body(err: APIError, request_id: str) -> dict[str, Any]:
 
 
 def error_response(err: APIError, request_id: str) -> JSONResponse:
-    """The HTTP response for ``err``; 429 and 503 say when to retry."""
+    """The HTTP response for ``err``; 429 and 503 say when to retry, 401 how to log in."""
     headers = {"Retry-After": str(err.retry_after_s)} if err.status_code in (429, 503) else {}
+    if err.status_code == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(_body(err, request_id), status_code=err.status_code, headers=headers)
 
 

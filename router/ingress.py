@@ -10,9 +10,11 @@ from ray import serve
 from deployments.config import FleetConfig
 from deployments.serve_logging import log_through_serve
 from router.app import create_app
+from router.auth import load_keyring
 from router.metrics import RayRouterMetrics
 from router.model_client import HandleModelClient
 from router.node_metrics import NodeMetrics
+from router.quota import LocalLimits
 from router.status_board import ServeStatusBoard
 
 if TYPE_CHECKING:
@@ -24,18 +26,23 @@ class RouterIngress:
     """Builds the FastAPI app at replica start from the config and the model handles.
 
     Before taking traffic it reads the models' state once, so the first request is
-    already gated on it; then a status board polls Ray Serve in the background.
+    already gated on it; then a status board polls Ray Serve in the background. With
+    ``router.keys_file`` it loads the API keys (a missing or invalid file fails the
+    replica) and follows the file; the limits are counted per replica (``LocalLimits``).
     """
 
     async def __init__(  # type: ignore[misc]
         self, config: FleetConfig, models: dict[str, DeploymentHandle[Any]]
     ):
         log_through_serve("llm_fleet")
+        self._keys = load_keyring(config)  # first: a bad keys file fails before anything starts
         clients = {model_id: HandleModelClient(model_id, h) for model_id, h in models.items()}
         metrics = RayRouterMetrics()
         app_name = serve.get_replica_context().app_name
         self._board = ServeStatusBoard(app_name, config, models, on_update=metrics.models_updated)
         await self._board.start()
+        if self._keys is not None:
+            await self._keys.start()
         # Serve's proxy echoes X-Request-Id on every response; echoing too would send it twice.
         self._app = create_app(
             config,
@@ -44,6 +51,8 @@ class RouterIngress:
             metrics=metrics,
             metrics_text=NodeMetrics(),
             echo_request_id=False,
+            keys=self._keys,
+            limits=LocalLimits() if self._keys is not None else None,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -53,3 +62,6 @@ class RouterIngress:
         board = getattr(self, "_board", None)
         if board is not None:
             await board.stop()
+        keys = getattr(self, "_keys", None)
+        if keys is not None:
+            await keys.stop()

@@ -6,7 +6,11 @@ exports them (Ray adds the ``ray_`` prefix; counters end in ``_total``), with Se
 every node of the cluster counts each request exactly once, whichever router
 replica served it. Label values are bounded: ``model`` is a configured model id or
 ``unknown``, ``endpoint`` is ``chat`` or ``completions``, ``status`` an HTTP status,
-``reason`` one of the rejection reasons in ``deployments/errors.py``.
+``reason`` one of the rejection reasons in ``deployments/errors.py``: ``allowlist``
+(unknown model, or one the API key may not use), ``limits`` (max_tokens, body size),
+``bad_request``, ``overload``, ``unavailable`` (model not ready), ``auth`` (no valid
+API key) and ``quota`` (the key's rpm, tpm or concurrency). No label carries a key or
+its id.
 
 =========================================  ======================================
 ``llm_fleet_requests_total``               requests finished {model,endpoint,status}

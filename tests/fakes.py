@@ -26,7 +26,9 @@ from deployments.engine import Reply, Route
 from deployments.fake_engine import FakeEngine
 from router.accounting import RequestRecord
 from router.app import MetricsText, create_app
+from router.auth import KeyRing
 from router.model_status import ModelStatus, State
+from router.quota import LimitBackend
 
 CHAT_MODEL = "smollm2-135m-instruct"
 COMPLETIONS_MODEL = "gemma-3-270m"
@@ -199,14 +201,16 @@ def make_fleet(
     status: FakeStatusSource | None = None,
     metrics: RecordingMetrics | None = None,
     metrics_text: MetricsText | None = None,
+    keys: KeyRing | None = None,
+    limits: LimitBackend | None = None,
     **router: Any,
 ) -> Fleet:
     """The router app over fake engines for the allowed models.
 
     ``client_options`` go to every ``FakeModelClient`` (e.g. an error to raise);
     ``model_fields`` add per-model config fields (see ``fleet_config``); ``status``,
-    ``metrics`` and ``metrics_text`` go to ``create_app``; ``router`` overrides
-    ``RouterConfig`` fields.
+    ``metrics``, ``metrics_text``, ``keys`` and ``limits`` go to ``create_app``;
+    ``router`` overrides ``RouterConfig`` fields.
     """
     engines = {
         model_id: FakeEngine(model_id, max_model_len=MAX_MODEL_LEN, token_delay_s=token_delay_s)
@@ -218,8 +222,35 @@ def make_fleet(
     }
     clients.update(extra_clients or {})
     config = fleet_config(model_fields=model_fields, **router)
-    app = create_app(config, clients, status=status, metrics=metrics, metrics_text=metrics_text)
+    app = create_app(
+        config,
+        clients,
+        status=status,
+        metrics=metrics,
+        metrics_text=metrics_text,
+        keys=keys,
+        limits=limits,
+    )
     return Fleet(app=app, engines=engines)
+
+
+def post_scope(path: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The ASGI scope of a JSON POST to ``path`` with ``headers``."""
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), *extra],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
 
 
 async def post_then_leave(
@@ -228,10 +259,11 @@ async def post_then_leave(
     body: dict[str, Any],
     leave_after_s: float,
     on_leave: Callable[[], Awaitable[None]] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> list[Message]:
     """POST ``body`` over raw ASGI, then report ``http.disconnect`` after a delay, as
-    uvicorn does when the socket closes; ``on_leave`` runs just before. Returns what the
-    app sent."""
+    uvicorn does when the socket closes; ``on_leave`` runs just before; ``headers`` are
+    sent besides the content ones. Returns what the app sent."""
     raw = json.dumps(body).encode()
     sent: list[Message] = []
     body_read = False
@@ -249,22 +281,7 @@ async def post_then_leave(
     async def send(message: Message) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(raw)).encode()),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
+    headers = {"content-length": str(len(raw)), **(headers or {})}
+    scope = post_scope(path, headers)
     await asyncio.wait_for(app(scope, receive, send), timeout=10)
     return sent

@@ -100,6 +100,27 @@ def test_cors_env_replaces_configured_origins() -> None:
     assert load_config(args, {}).router.cors_allowed_origins == ["https://old.example"]
 
 
+def test_keys_file_env_replaces_the_configured_one() -> None:
+    args = {**ARGS, "router": {"keys_file": "/etc/llm-fleet/keys.yaml"}}
+    assert load_config(ARGS, {}).router.keys_file is None
+    assert load_config(args, {}).router.keys_file == "/etc/llm-fleet/keys.yaml"
+    assert load_config(args, {"LLM_FLEET_KEYS_FILE": " "}).router.keys_file == (
+        "/etc/llm-fleet/keys.yaml"
+    )
+    config = load_config(args, {"LLM_FLEET_KEYS_FILE": "/srv/keys.yaml"})
+    assert config.router.keys_file == "/srv/keys.yaml"
+    assert config.router.max_request_bytes == load_config(args, {}).router.max_request_bytes
+
+
+def test_keys_file_must_be_absolute() -> None:
+    with pytest.raises(ConfigError, match=r"LLM_FLEET_KEYS_FILE: keys_file: .* absolute path"):
+        load_config(ARGS, {"LLM_FLEET_KEYS_FILE": "keys.yaml"})
+    with pytest.raises(
+        ConfigError, match=r"args\.router\.keys_file: keys_file must be an absolute"
+    ):
+        load_config({**ARGS, "router": {"keys_file": "keys.yaml"}}, {})
+
+
 def options_for(**fields: Any) -> dict[str, Any]:
     return deployment_options(ModelConfig.model_validate(model("m1", **fields)))
 

@@ -1,0 +1,167 @@
+"""Per-key limits: requests per minute, tokens per minute, concurrent requests.
+
+The app talks to a :class:`LimitBackend` only: ``admit`` before a request is sent to
+its model, ``release`` exactly once when it ends, however it ends. :class:`LocalLimits`
+counts in this process, so with N router replicas a key gets up to N times its limits;
+a cluster-wide backend (one Ray actor the replicas share) replaces it without touching
+the app.
+
+Semantics of :class:`LocalLimits`, per key id, over a sliding window of the last 60 s:
+
+- ``rpm``: requests admitted in the window. Refused requests do not count; an admitted
+  one counts even if it then fails (a 503 from a loading model, a 400 from the engine).
+- ``tpm``: prompt + completion tokens of finished requests, counted at ``release`` with
+  what each really used (the router passes its record's prompt + completion tokens; a
+  stream cut short has only the completion tokens relayed before the client left, as
+  the usage, prompt count included, comes at the end). A request is admitted while the
+  window's count is below ``tpm``, so the requests in flight at that moment may
+  together overshoot it; the overshoot keeps later requests out until it slides out of
+  the window. ``est_tokens`` (the request's max_tokens) is not reserved here; a backend
+  may reserve it.
+- ``concurrency``: requests admitted and not yet released.
+
+When several limits are reached the refusal names the first of concurrency, rpm, tpm.
+``retry_after_s`` is when the window will have room again (at least 1 s); for
+concurrency it is 1 s, as nothing says when a request in flight will end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from deployments.errors import QuotaExceededError, QuotaLimit
+from router.auth import Principal
+
+WINDOW_S = 60.0
+logger = logging.getLogger("llm_fleet.quota")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A backend's answer: admitted, or refused by ``limit`` until ``retry_after_s``."""
+
+    ok: bool
+    limit: QuotaLimit | None = None
+    retry_after_s: int = 0
+
+    @classmethod
+    def refused(cls, limit: QuotaLimit, retry_after_s: float) -> Admission:
+        return cls(ok=False, limit=limit, retry_after_s=max(1, math.ceil(retry_after_s)))
+
+
+ADMITTED = Admission(ok=True)
+
+
+class LimitBackend(Protocol):
+    async def admit(self, principal: Principal, est_tokens: int) -> Admission:
+        """Admit one request of ``principal`` (expected to use about ``est_tokens``)."""
+        ...
+
+    async def release(self, principal: Principal, tokens_used: int) -> None:
+        """An admitted request ended, having used ``tokens_used`` tokens."""
+        ...
+
+
+@dataclass
+class _KeyWindow:
+    admitted: deque[float] = field(default_factory=deque)
+    used: deque[tuple[float, int]] = field(default_factory=deque)
+    used_total: int = 0
+    in_flight: int = 0
+
+    def expire(self, now: float) -> None:
+        horizon = now - WINDOW_S
+        while self.admitted and self.admitted[0] <= horizon:
+            self.admitted.popleft()
+        while self.used and self.used[0][0] <= horizon:
+            self.used_total -= self.used.popleft()[1]
+
+    def tokens_free_in(self, tpm: int, now: float) -> float:
+        """Seconds until the window's token count drops below ``tpm``."""
+        remaining = self.used_total
+        for at, tokens in self.used:
+            remaining -= tokens
+            if remaining < tpm:
+                return at + WINDOW_S - now
+        return 0.0
+
+
+class LocalLimits:
+    """A :class:`LimitBackend` counting in this process (see the module docstring)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._windows: dict[str, _KeyWindow] = {}
+
+    async def admit(self, principal: Principal, est_tokens: int) -> Admission:
+        limits = principal.limits
+        now = self._clock()
+        window = self._windows.setdefault(principal.id, _KeyWindow())
+        window.expire(now)
+        if limits.concurrency is not None and window.in_flight >= limits.concurrency:
+            return Admission.refused("concurrency", 1)
+        if limits.rpm is not None and len(window.admitted) >= limits.rpm:
+            # Room again once all but rpm - 1 of the admitted requests have slid out.
+            oldest_to_go = window.admitted[len(window.admitted) - limits.rpm]
+            return Admission.refused("rpm", oldest_to_go + WINDOW_S - now)
+        if limits.tpm is not None and window.used_total >= limits.tpm:
+            return Admission.refused("tpm", window.tokens_free_in(limits.tpm, now))
+        window.admitted.append(now)
+        window.in_flight += 1
+        return ADMITTED
+
+    async def release(self, principal: Principal, tokens_used: int) -> None:
+        window = self._windows.setdefault(principal.id, _KeyWindow())
+        window.in_flight = max(0, window.in_flight - 1)
+        if tokens_used > 0:
+            window.used.append((self._clock(), tokens_used))
+            window.used_total += tokens_used
+
+
+def quota_error(principal: Principal, admission: Admission) -> QuotaExceededError:
+    """The 429 for a refused admission."""
+    if admission.limit is None:
+        raise ValueError("an admitted request has no quota error")
+    value = {
+        "rpm": principal.limits.rpm,
+        "tpm": principal.limits.tpm,
+        "concurrency": principal.limits.concurrency,
+    }[admission.limit]
+    return QuotaExceededError(admission.limit, value, admission.retry_after_s)
+
+
+class QuotaHold:
+    """One request's hold on its key's quota: taken at most once, released at most once.
+
+    With no principal (auth off) both are no-ops.
+    """
+
+    def __init__(self, backend: LimitBackend, principal: Principal | None) -> None:
+        self.backend = backend
+        self.principal = principal
+        self._held = False
+
+    async def take(self, est_tokens: int) -> None:
+        """Admit the request, or raise QuotaExceededError (429)."""
+        if self.principal is None or self._held:
+            return
+        admission = await self.backend.admit(self.principal, est_tokens)
+        if not admission.ok:
+            raise quota_error(self.principal, admission)
+        self._held = True
+
+    async def release(self, tokens_used: int) -> None:
+        if self.principal is None or not self._held:
+            return
+        self._held = False
+        try:
+            await self.backend.release(self.principal, tokens_used)
+        except Exception:
+            # The answer is already out; a lost release only costs the key some headroom.
+            logger.exception("releasing the quota of key %s failed", self.principal.id)
