@@ -14,7 +14,7 @@ from router.auth import load_keyring
 from router.metrics import RayRouterMetrics
 from router.model_client import HandleModelClient
 from router.node_metrics import NodeMetrics
-from router.quota import LocalLimits
+from router.shared_limits import SharedLimits
 from router.status_board import ServeStatusBoard
 
 if TYPE_CHECKING:
@@ -28,7 +28,8 @@ class RouterIngress:
     Before taking traffic it reads the models' state once, so the first request is
     already gated on it; then a status board polls Ray Serve in the background. With
     ``router.keys_file`` it loads the API keys (a missing or invalid file fails the
-    replica) and follows the file; the limits are counted per replica (``LocalLimits``).
+    replica) and follows the file; each key's limits are counted once for all router
+    replicas, by the app's limits actor (``router/shared_limits.py``).
     """
 
     async def __init__(  # type: ignore[misc]
@@ -52,7 +53,7 @@ class RouterIngress:
             metrics_text=NodeMetrics(),
             echo_request_id=False,
             keys=self._keys,
-            limits=LocalLimits() if self._keys is not None else None,
+            limits=SharedLimits(app_name) if self._keys is not None else None,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -2,9 +2,8 @@
 
 The app talks to a :class:`LimitBackend` only: ``admit`` before a request is sent to
 its model, ``release`` exactly once when it ends, however it ends. :class:`LocalLimits`
-counts in this process, so with N router replicas a key gets up to N times its limits;
-a cluster-wide backend (one Ray actor the replicas share) replaces it without touching
-the app.
+counts in this process; in Ray Serve, ``router/shared_limits.py`` runs it inside one
+actor the router replicas share, so a key's limits hold for the whole app.
 
 Semantics of :class:`LocalLimits`, per key id, over a sliding window of the last 60 s:
 

@@ -302,3 +302,27 @@ def test_a_stream_the_server_never_started_sending_frees_its_slot(tmp_path: Path
     assert unfinished == 0  # the generation was aborted
     with TestClient(fleet.app) as http:
         assert http.post(CHAT_PATH, json=chat(), headers=limited).is_success
+
+
+def test_shared_limits_count_locally_while_the_actor_is_unreachable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ray.exceptions import RaySystemError
+
+    from router.shared_limits import SharedLimits
+
+    shared = SharedLimits("app")
+
+    def unreachable() -> Any:
+        raise RaySystemError("GCS unavailable")
+
+    shared._get_actor = unreachable  # type: ignore[method-assign]
+    key = principal(rpm=2)
+    results = run(_admit_times(shared, key, 3))
+    assert [r.ok for r in results] == [True, True, False]
+    assert results[2].limit == "rpm"
+    assert "limits actor unreachable" in caplog.text
+
+
+async def _admit_times(backend: Any, key: Principal, times: int) -> list[Admission]:
+    return [await backend.admit(key, 1) for _ in range(times)]
