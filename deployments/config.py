@@ -273,6 +273,18 @@ class RouterConfig(StrictModel):
         "every route but /health/* needs a valid key. With none, auth is off and the router "
         "logs a loud warning at startup. LLM_FLEET_KEYS_FILE overrides it.",
     )
+    quota_lease_s: float = Field(
+        30.0,
+        ge=3,
+        le=3600,
+        description="How long the app's limits actor keeps a router replica's concurrency "
+        "slots without news from it. A replica renews its hold every quota_lease_s / 3 "
+        "while it has requests in flight, so a replica that dies has its slots freed after "
+        "at most this long; one cut off from the actor for longer loses its slots in the "
+        "count, and a key may then briefly run more than its concurrency. The first "
+        "replica to create the (detached) actor sets it: a change takes effect once that "
+        "actor is killed.",
+    )
 
     @field_validator("keys_file")
     @classmethod

@@ -8,20 +8,33 @@ a SIGINT or SIGTERM to the launcher becomes one SIGINT to ``serve run``; a secon
 kills ``serve run`` and every process under it (Ray's raylet, GCS, workers, engines),
 and nothing else: never ``ray stop``, which would take other clusters on the machine
 down too. :func:`stop` (tests, benchmarks) does the same after ``STOP_TIMEOUT_S``.
+
+The local cluster ``serve run`` starts listens on loopback only: GCS, raylet, object
+manager, dashboard and its agents, metrics export. Ray binds its servers to the node's
+IP, and picks 127.0.0.1 when ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (meant for laptops,
+it is the one switch that covers every one of those servers; ``ray start
+--node-ip-address=127.0.0.1`` is resolved back to the host's address). The launcher sets
+it unless the caller set it or names a cluster with ``RAY_ADDRESS``. Drivers that attach
+to that cluster (``serve status``, ``ray.init(address="auto")``) need the same variable.
+Ray's token auth, on by default for local clusters, is left on; with
+``RAY_AUTH_MODE=disabled`` the launcher warns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
 import psutil
 
 STOP_TIMEOUT_S = 60.0
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def _bin(name: str) -> str:
@@ -61,13 +74,37 @@ def _reset_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def local_cluster_env(base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` plus what keeps a local cluster on loopback (see the module docstring)."""
+    env = dict(base)
+    if "RAY_ADDRESS" not in env:
+        env.setdefault(LOOPBACK_ONLY, "0")
+    if env.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        print(
+            "llm-fleet: WARNING: RAY_AUTH_MODE=disabled: anyone who can reach the Ray "
+            "cluster's ports can run code on it",
+            file=sys.stderr,
+            flush=True,
+        )
+    return env
+
+
 def start(
-    config: str, *, command: list[str] | None = None, **popen_kwargs: object
+    config: str,
+    *,
+    command: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    **popen_kwargs: object,
 ) -> subprocess.Popen[bytes]:
-    """Start ``serve run config`` (or ``command``) in a new session, SIGINT at default."""
+    """Start ``serve run config`` (or ``command``) in a new session, SIGINT at default,
+    with ``env`` (default: this process's) made loopback-only by :func:`local_cluster_env`."""
     argv = command if command is not None else [_bin("serve"), "run", config]
     return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-        argv, start_new_session=True, preexec_fn=_reset_sigint, **popen_kwargs
+        argv,
+        start_new_session=True,
+        preexec_fn=_reset_sigint,
+        env=local_cluster_env(os.environ if env is None else env),
+        **popen_kwargs,
     )
 
 

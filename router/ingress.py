@@ -39,11 +39,21 @@ class RouterIngress:
         self._keys = load_keyring(config)  # first: a bad keys file fails before anything starts
         clients = {model_id: HandleModelClient(model_id, h) for model_id, h in models.items()}
         metrics = RayRouterMetrics()
-        app_name = serve.get_replica_context().app_name
+        replica = serve.get_replica_context()
+        app_name = replica.app_name
         self._board = ServeStatusBoard(app_name, config, models, on_update=metrics.models_updated)
         await self._board.start()
         if self._keys is not None:
             await self._keys.start()
+        self._limits = (
+            SharedLimits(
+                app_name,
+                lease_s=config.router.quota_lease_s,
+                holder=replica.replica_id.to_full_id_str(),  # the replica actor's name
+            )
+            if self._keys is not None
+            else None
+        )
         # Serve's proxy echoes X-Request-Id on every response; echoing too would send it twice.
         self._app = create_app(
             config,
@@ -53,7 +63,7 @@ class RouterIngress:
             metrics_text=NodeMetrics(),
             echo_request_id=False,
             keys=self._keys,
-            limits=SharedLimits(app_name) if self._keys is not None else None,
+            limits=self._limits,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -66,3 +76,6 @@ class RouterIngress:
         keys = getattr(self, "_keys", None)
         if keys is not None:
             await keys.stop()
+        limits = getattr(self, "_limits", None)
+        if limits is not None:
+            await limits.stop()

@@ -17,7 +17,15 @@ Semantics of :class:`LocalLimits`, per key id, over a sliding window of the last
   together overshoot it; the overshoot keeps later requests out until it slides out of
   the window. ``est_tokens`` (the request's max_tokens) is not reserved here; a backend
   may reserve it.
-- ``concurrency``: requests admitted and not yet released.
+- ``concurrency``: requests admitted and not yet released, counted per *holder*: the
+  router replica that holds the slot (:data:`LOCAL_HOLDER` when counting in-process).
+  ``admit``, ``release`` and ``renew`` each mark their holder as seen. With ``lease_s``
+  set, a holder not seen for more than ``lease_s`` seconds (its process was killed, its
+  node lost) has all its slots dropped at the next ``admit``, with one warning naming
+  the holder and what was freed; live holders renew while they hold slots, saying how
+  many they hold per key, which corrects the count for a release lost on the way. A
+  release from a holder with no slot of that key (its lease lapsed) frees nothing, so it
+  never frees another holder's slot, and its tokens still count for ``tpm``.
 
 When several limits are reached the refusal names the first of concurrency, rpm, tpm.
 ``retry_after_s`` is when the window will have room again (at least 1 s); for
@@ -29,15 +37,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from deployments.errors import QuotaExceededError, QuotaLimit
 from router.auth import Principal
 
 WINDOW_S = 60.0
+# The holder of every slot when one process counts for itself.
+LOCAL_HOLDER = "local"
 logger = logging.getLogger("llm_fleet.quota")
 
 
@@ -72,7 +82,11 @@ class _KeyWindow:
     admitted: deque[float] = field(default_factory=deque)
     used: deque[tuple[float, int]] = field(default_factory=deque)
     used_total: int = 0
-    in_flight: int = 0
+    held: dict[str, int] = field(default_factory=dict)  # holder -> slots in flight
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.held.values())
 
     def expire(self, now: float) -> None:
         horizon = now - WINDOW_S
@@ -92,15 +106,27 @@ class _KeyWindow:
 
 
 class LocalLimits:
-    """A :class:`LimitBackend` counting in this process (see the module docstring)."""
+    """A :class:`LimitBackend` counting in this process (see the module docstring).
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    ``lease_s`` is how long a holder keeps its concurrency slots without being seen;
+    ``None`` (in-process use: the only holder is this process) keeps them for ever.
+    """
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, lease_s: float | None = None
+    ) -> None:
         self._clock = clock
+        self._lease_s = lease_s
         self._windows: dict[str, _KeyWindow] = {}
+        self._seen: dict[str, float] = {}  # holder -> when last seen
 
-    async def admit(self, principal: Principal, est_tokens: int) -> Admission:
+    async def admit(
+        self, principal: Principal, est_tokens: int, holder: str = LOCAL_HOLDER
+    ) -> Admission:
         limits = principal.limits
         now = self._clock()
+        self._seen[holder] = now
+        self._expire_holders(now)
         window = self._windows.setdefault(principal.id, _KeyWindow())
         window.expire(now)
         if limits.concurrency is not None and window.in_flight >= limits.concurrency:
@@ -112,15 +138,88 @@ class LocalLimits:
         if limits.tpm is not None and window.used_total >= limits.tpm:
             return Admission.refused("tpm", window.tokens_free_in(limits.tpm, now))
         window.admitted.append(now)
-        window.in_flight += 1
+        window.held[holder] = window.held.get(holder, 0) + 1
         return ADMITTED
 
-    async def release(self, principal: Principal, tokens_used: int) -> None:
+    async def release(
+        self, principal: Principal, tokens_used: int, holder: str = LOCAL_HOLDER
+    ) -> None:
+        now = self._clock()
+        self._seen[holder] = now
         window = self._windows.setdefault(principal.id, _KeyWindow())
-        window.in_flight = max(0, window.in_flight - 1)
+        held = window.held.pop(holder, 0)
+        # No slot (its lease lapsed): nothing to free, and never another holder's slot.
+        if held > 1:
+            window.held[holder] = held - 1
         if tokens_used > 0:
-            window.used.append((self._clock(), tokens_used))
+            window.used.append((now, tokens_used))
             window.used_total += tokens_used
+
+    async def renew(self, holder: str, held: Mapping[str, int] | None = None) -> None:
+        """``holder`` is alive: its slots last another ``lease_s``.
+
+        With ``held`` (key id -> requests the holder has in flight), the holder's slots
+        are set to exactly that: the holder knows best. A release that never arrived (a
+        call lost on the way) is undone, and slots this count lost (it was restarted
+        empty) come back.
+        """
+        self._seen[holder] = self._clock()
+        if held is None:
+            return
+        for key_id in {*self._windows, *held}:
+            slots = held.get(key_id, 0)
+            if slots > 0:
+                self._windows.setdefault(key_id, _KeyWindow()).held[holder] = slots
+            elif key_id in self._windows:
+                self._windows[key_id].held.pop(holder, None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counts as a plain dict, as the next ``admit`` would see them.
+
+        ``keys``: per key id, ``in_flight``, ``admitted`` (requests in the window),
+        ``tokens`` (used in the window) and ``holders`` (slots per holder); ``holders``:
+        per holder, ``in_flight`` (over all keys) and ``seen_s_ago``.
+        """
+        now = self._clock()
+        self._expire_holders(now)
+        keys: dict[str, dict[str, Any]] = {}
+        holding: Counter[str] = Counter()
+        for key_id, window in self._windows.items():
+            window.expire(now)
+            keys[key_id] = {
+                "in_flight": window.in_flight,
+                "admitted": len(window.admitted),
+                "tokens": window.used_total,
+                "holders": dict(window.held),
+            }
+            holding.update(window.held)
+        holders = {
+            holder: {"in_flight": holding[holder], "seen_s_ago": now - seen}
+            for holder, seen in self._seen.items()
+        }
+        return {"keys": keys, "holders": holders}
+
+    def _expire_holders(self, now: float) -> None:
+        if self._lease_s is None:
+            return
+        horizon = now - self._lease_s
+        for holder in [h for h, seen in self._seen.items() if seen < horizon]:
+            del self._seen[holder]
+            freed = {
+                key_id: slots
+                for key_id, window in self._windows.items()
+                if (slots := window.held.pop(holder, 0))
+            }
+            # A holder that went idle has nothing to free: forgotten without a word.
+            if freed:
+                logger.warning(
+                    "quota holder %s not seen for over %g s: freed its %d concurrency "
+                    "slot(s) (per key id: %s)",
+                    holder,
+                    self._lease_s,
+                    sum(freed.values()),
+                    freed,
+                )
 
 
 def quota_error(principal: Principal, admission: Admission) -> QuotaExceededError:

@@ -7,15 +7,32 @@ ends: no call per token. The actor is detached and named after the app, so repli
 that come and go (autoscaling, restarts) keep sharing it; it holds no secret (keys
 arrive as their ids and limits).
 
+Concurrency lease: each :class:`SharedLimits` is one holder in the actor's count (the
+router names it after its Serve replica). While it has requests in flight there, it
+renews its hold every ``lease_s / 3`` (one call per replica per interval, whatever the
+traffic), sending how many requests it has in flight per key: the actor sets this
+holder's slots to exactly that, so a release that was lost (the actor unreachable at
+that moment) is corrected at the next renewal, and a restarted, empty actor gets the
+slots back. A replica that dies stops renewing, so its slots come back after at most
+``lease_s`` (counted from its last call). A replica alive but unable to reach the actor
+for longer than ``lease_s`` loses its slots in the count too, although its requests are
+still running: the key can then briefly be admitted more than its concurrency, until
+the next renewal that gets through.
+
 If the actor cannot be reached within ``timeout_s`` (it is being restarted, the GCS is
 briefly away), the replica counts locally until the next call succeeds and logs a
-warning: availability first, with per-replica limits for that moment.
+warning: availability first, with per-replica limits for that moment. A request is
+released to the count that admitted it: while a key has requests admitted locally, its
+releases go to the local count (a replica cannot tell its requests of one key apart,
+so the counts agree once all of them have ended).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 from typing import Any
 
 from ray.exceptions import RayError
@@ -28,14 +45,20 @@ NAMESPACE = "llm_fleet"
 
 
 class _LimitsActor:
-    def __init__(self) -> None:
-        self._limits = LocalLimits()
+    def __init__(self, lease_s: float | None = None) -> None:
+        self._limits = LocalLimits(lease_s=lease_s)
 
-    async def admit(self, principal: Principal, est_tokens: int) -> Admission:
-        return await self._limits.admit(principal, est_tokens)
+    async def admit(self, principal: Principal, est_tokens: int, holder: str) -> Admission:
+        return await self._limits.admit(principal, est_tokens, holder)
 
-    async def release(self, principal: Principal, tokens_used: int) -> None:
-        await self._limits.release(principal, tokens_used)
+    async def release(self, principal: Principal, tokens_used: int, holder: str) -> None:
+        await self._limits.release(principal, tokens_used, holder)
+
+    async def renew(self, holder: str, held: dict[str, int]) -> None:
+        await self._limits.renew(holder, held)
+
+    async def snapshot(self) -> dict[str, Any]:
+        return self._limits.snapshot()
 
 
 def actor_name(app_name: str) -> str:
@@ -43,13 +66,33 @@ def actor_name(app_name: str) -> str:
 
 
 class SharedLimits:
-    """A ``LimitBackend`` over the app's one limits actor (see the module docstring)."""
+    """A ``LimitBackend`` over the app's one limits actor (see the module docstring).
 
-    def __init__(self, app_name: str, timeout_s: float = 2.0) -> None:
+    ``holder`` names this instance in the actor's count (a random id if not given; the
+    router passes its Serve replica id, so an operator can tell whose slots they are).
+    ``lease_s`` is given to the actor when this instance creates it; with
+    ``get_if_exists`` the first replica to create it sets the lease for all, and as the
+    actor is detached a new value takes effect only once that actor is gone (killed).
+    """
+
+    def __init__(
+        self,
+        app_name: str,
+        timeout_s: float = 2.0,
+        lease_s: float = 30.0,
+        holder: str | None = None,
+    ) -> None:
         self._name = actor_name(app_name)
         self._timeout = timeout_s
+        self._lease_s = lease_s
+        self._holder = holder or uuid.uuid4().hex
         self._actor: Any = None
         self._fallback = LocalLimits()
+        # Key id -> requests of this replica counted by the actor and not yet released
+        # (admissions on their way included, so a renewal never undercounts them).
+        self._actor_held: dict[str, int] = {}
+        self._local_held: dict[str, int] = {}  # key id -> requests admitted by the fallback
+        self._heartbeat: asyncio.Task[None] | None = None
 
     def _get_actor(self) -> Any:
         import ray
@@ -58,7 +101,7 @@ class SharedLimits:
             remote = ray.remote(num_cpus=0)(_LimitsActor)
             self._actor = remote.options(  # type: ignore[attr-defined]
                 name=self._name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
-            ).remote()
+            ).remote(self._lease_s)
         return self._actor
 
     async def _call(self, method: str, *args: Any) -> Any:
@@ -66,18 +109,65 @@ class SharedLimits:
         return await asyncio.wait_for(getattr(actor, method).remote(*args), self._timeout)
 
     async def admit(self, principal: Principal, est_tokens: int) -> Admission:
+        self._count(self._actor_held, principal.id, +1)
         try:
-            admission: Admission = await self._call("admit", principal, est_tokens)
-            return admission
+            admission: Admission = await self._call("admit", principal, est_tokens, self._holder)
         except (RayError, TimeoutError) as exc:
+            self._count(self._actor_held, principal.id, -1)
             self._actor = None
             logger.warning("limits actor unreachable (%s): counting in this replica", exc)
-            return await self._fallback.admit(principal, est_tokens)
+            admission = await self._fallback.admit(principal, est_tokens)
+            if admission.ok:
+                self._count(self._local_held, principal.id, +1)
+            return admission
+        if not admission.ok:
+            self._count(self._actor_held, principal.id, -1)
+        elif self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._renew_while_busy())
+        return admission
+
+    @staticmethod
+    def _count(counts: dict[str, int], key_id: str, change: int) -> None:
+        value = counts.get(key_id, 0) + change
+        if value > 0:
+            counts[key_id] = value
+        else:
+            counts.pop(key_id, None)
 
     async def release(self, principal: Principal, tokens_used: int) -> None:
+        if principal.id in self._local_held:
+            self._count(self._local_held, principal.id, -1)
+            await self._fallback.release(principal, tokens_used)
+            return
+        self._count(self._actor_held, principal.id, -1)
         try:
-            await self._call("release", principal, tokens_used)
+            await self._call("release", principal, tokens_used, self._holder)
         except (RayError, TimeoutError) as exc:
             self._actor = None
-            logger.warning("limits actor unreachable (%s): released in this replica", exc)
-            await self._fallback.release(principal, tokens_used)
+            # Not released locally: that would free the slot of a locally admitted request.
+            logger.warning(
+                "limits actor unreachable (%s): key %s's slot there is given back at the "
+                "next renewal or when this replica's lease lapses; its tokens are not counted",
+                exc,
+                principal.id,
+            )
+
+    async def stop(self) -> None:
+        """Stop renewing the lease (the replica is shutting down)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
+
+    async def _renew_while_busy(self) -> None:
+        while self._actor_held:
+            await asyncio.sleep(self._lease_s / 3)
+            if not self._actor_held:
+                return
+            try:
+                await self._call("renew", self._holder, dict(self._actor_held))
+            except (RayError, TimeoutError) as exc:
+                # Keep renewing: the slots are lost only once a whole lease goes by.
+                self._actor = None
+                logger.warning("renewing the quota lease failed (%s); retrying", exc)

@@ -60,6 +60,7 @@ class Fleet:
     base_url: str
     log: Path
     startup: StartupObservations
+    pid: int  # the ``serve run`` process: Ray's local cluster runs under it
 
 
 def free_port() -> int:
@@ -236,7 +237,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         base_url = f"http://127.0.0.1:{port}"
         try:
             startup = _wait_ready(base_url, process, log)
-            yield Fleet(base_url=base_url, log=log, startup=startup)
+            yield Fleet(base_url=base_url, log=log, startup=startup, pid=process.pid)
         finally:
             import ray
 
@@ -252,6 +253,8 @@ def ray_driver(fleet: Fleet) -> Iterator[None]:
     """This test process as a second driver on the fleet's cluster (handles, status)."""
     import ray
 
+    # The launcher keeps the cluster on loopback; a driver must look for it there too.
+    os.environ[launcher.LOOPBACK_ONLY] = "0"
     ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
     yield
 

@@ -2,9 +2,14 @@
 and keys revoked or added while serving.
 
 A second app ("limits", under /limits) joins the shared fleet's cluster: two router
-replicas with a keys file, in front of one model whose store cannot be reached. No
-engine ever starts: an admitted request gets 503 (the model is scaled to zero, then
-failed), a refused one 429, which is all the limits need.
+replicas with a keys file, in front of two models:
+
+- ``limited-model``, whose store cannot be reached: no engine ever starts, so an
+  admitted request gets 503 (the model is scaled to zero, then failed) and a refused
+  one 429, which is all rpm needs;
+- ``limited-chat``, SmolLM2 on a real vLLM engine (one more engine start, about a
+  minute): tokens per minute count what the engine really generated, and concurrency
+  needs requests that really last.
 """
 
 from __future__ import annotations
@@ -16,21 +21,29 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from deployments.keys import create_key, revoke_key
-from tests.serve.conftest import Fleet
+from tests.serve.conftest import CHAT_MODEL, Fleet
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 APP = "limits"
 MODEL = "limited-model"
+REAL_MODEL = "limited-chat"
 RPM = 6
 # With the limits actor the count is exact; the documented tolerance is for the moments
 # a replica cannot reach it and counts alone.
 RPM_TOLERANCE = 0
+TPM = 300
+CONCURRENCY = 2
+# How long a dead router replica's concurrency slots stay counted (the default is 30 s).
+LEASE_S = 6.0
+READY_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,9 @@ class LimitsApp:
     keys_file: Path
     key_a: str
     key_b: str
+    tpm_key: str
+    conc_key: str
+    lease_key: str
 
 
 @pytest.fixture(scope="module")
@@ -53,30 +69,91 @@ def limits_app(
 
     keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
     key_a = create_key(keys_file, "team-a", models=[MODEL], rpm=RPM)
-    key_b = create_key(keys_file, "team-b", models=[MODEL], rpm=RPM)
+    key_b = create_key(keys_file, "team-b", models=[MODEL, REAL_MODEL], rpm=RPM)
+    tpm_key = create_key(keys_file, "tokens", models=[REAL_MODEL], tpm=TPM)
+    conc_key = create_key(keys_file, "parallel", models=[REAL_MODEL], concurrency=CONCURRENCY)
+    lease_key = create_key(keys_file, "one-at-a-time", models=[REAL_MODEL], concurrency=1)
     args = {
         "router": {
             "num_cpus": 0.05,
             "autoscaling": {"min_replicas": 2, "max_replicas": 2},
             "keys_file": str(keys_file),
+            "quota_lease_s": LEASE_S,
         },
         "models": [
+            {
+                "id": REAL_MODEL,
+                "source": f"embedded://{CHAT_MODEL}",
+                "engine_args": {
+                    "max_model_len": 2048,
+                    "max_num_seqs": 8,
+                    "kv_cache_memory_bytes": 128 << 20,
+                },
+                "resources": {"num_cpus": 0.1},
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+            },
             {
                 "id": MODEL,
                 "source": "s3://fleet-weights/nothing",
                 "resources": {"num_cpus": 0.05},
                 "autoscaling": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1},
                 "env": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
-            }
+            },
         ],
     }
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
     try:
-        yield LimitsApp(f"{fleet.base_url}/{APP}", keys_file, key_a, key_b)
+        url = f"{fleet.base_url}/{APP}"
+        _wait_ready(url)
+        yield LimitsApp(url, keys_file, key_a, key_b, tpm_key, conc_key, lease_key)
     finally:
         serve.delete(APP)
         # The limits actor is detached: it outlives the app unless killed.
         ray.kill(ray.get_actor(actor_name(APP), namespace=NAMESPACE))
+
+
+def _wait_ready(url: str) -> None:
+    """/health/ready is 200 once the real model's engine runs (the other one starts at zero)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while httpx.get(f"{url}/health/ready", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "limited-chat did not start"
+        time.sleep(2)
+
+
+def _client(app: LimitsApp, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{app.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def _tokens_used(client: openai.OpenAI, *, stream: bool) -> int:
+    """Prompt + completion tokens of one real chat completion, as its usage reports them."""
+    if not stream:
+        reply = client.chat.completions.create(model=REAL_MODEL, messages=HELLO, max_tokens=16)
+        assert reply.usage is not None
+        return reply.usage.total_tokens
+    chunks = client.chat.completions.create(
+        model=REAL_MODEL,
+        messages=HELLO,
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = [chunk.usage for chunk in chunks if chunk.usage is not None]
+    assert len(usage) == 1
+    return usage[0].total_tokens
+
+
+def _long_stream(client: openai.OpenAI, max_tokens: int) -> openai.Stream[Any]:
+    """A stream that lasts: the engine is told to ignore end-of-sequence."""
+    return client.chat.completions.create(
+        model=REAL_MODEL,
+        messages=HELLO,
+        max_tokens=max_tokens,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
 
 
 def _chat(app: LimitsApp, key: str) -> httpx.Response:
@@ -118,6 +195,78 @@ def test_two_router_replicas_admit_a_keys_rpm_once_in_total(limits_app: LimitsAp
     assert _chat(limits_app, limits_app.key_b).status_code == 503
 
 
+def test_two_router_replicas_hold_a_keys_tokens_per_minute_in_total(limits_app: LimitsApp) -> None:
+    """Two clients (one streaming) spend a 300 tpm key on the real engine until refused.
+
+    A request is admitted while the minute's count is below the limit, and counted when
+    it ends with what it used: in total, the limit plus at most the requests in flight
+    at that moment (one per client). Counted per replica, it would be near twice that.
+    """
+    used: list[int] = []
+    refusals: list[openai.RateLimitError] = []
+    lock = threading.Lock()
+
+    def spend(stream: bool) -> None:
+        client = _client(limits_app, limits_app.tpm_key)
+        for _ in range(40):
+            try:
+                tokens = _tokens_used(client, stream=stream)
+            except openai.RateLimitError as refused:
+                with lock:
+                    refusals.append(refused)
+                return
+            with lock:
+                used.append(tokens)
+
+    threads = [threading.Thread(target=spend, args=(stream,)) for stream in (False, True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(refusals) == 2, used
+    assert TPM <= sum(used) <= TPM + 2 * max(used), used
+    for refused in refusals:
+        assert refused.code == "rate_limit_exceeded_tpm"
+        assert 1 <= int(refused.response.headers["retry-after"]) <= 60
+    # The key's owner is told, another key is not touched.
+    assert _tokens_used(_client(limits_app, limits_app.key_b), stream=False) > 0
+
+
+def test_two_router_replicas_hold_a_keys_concurrency_in_total(limits_app: LimitsApp) -> None:
+    """Six long streams start at once with a concurrency-2 key: exactly two run."""
+    start = threading.Barrier(6)
+    admitted: list[str] = []
+    refusals: list[openai.RateLimitError] = []
+    lock = threading.Lock()
+
+    def open_stream() -> None:
+        client = _client(limits_app, limits_app.conc_key)
+        start.wait()
+        try:
+            stream = _long_stream(client, max_tokens=150)
+        except openai.RateLimitError as refused:
+            with lock:
+                refusals.append(refused)
+            return
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        with lock:
+            admitted.append(text)
+
+    threads = [threading.Thread(target=open_stream) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(admitted) == CONCURRENCY and all(admitted), (admitted, refusals)
+    assert len(refusals) == 6 - CONCURRENCY
+    for refused in refusals:
+        assert refused.code == "concurrency_limit_exceeded"
+        assert refused.response.headers["retry-after"] == "1"
+    # Both slots came back when the streams ended, whichever replica served them.
+    client = _client(limits_app, limits_app.conc_key)
+    assert all(_tokens_used(client, stream=False) > 0 for _ in range(CONCURRENCY + 1))
+
+
 def test_keys_added_and_revoked_while_serving(limits_app: LimitsApp) -> None:
     key_c = create_key(limits_app.keys_file, "team-c", models=[MODEL])
     revoke_key(limits_app.keys_file, "team-b")
@@ -132,11 +281,69 @@ def test_keys_added_and_revoked_while_serving(limits_app: LimitsApp) -> None:
     assert replies == [401] * 4 + [503] * 4, replies
 
 
+def _limits_snapshot() -> dict[str, Any]:
+    import ray
+
+    from router.shared_limits import NAMESPACE, actor_name
+
+    actor = ray.get_actor(actor_name(APP), namespace=NAMESPACE)
+    snapshot: dict[str, Any] = ray.get(actor.snapshot.remote(), timeout=10)
+    return snapshot
+
+
+def test_a_dead_router_replicas_slots_come_back_after_the_lease(limits_app: LimitsApp) -> None:
+    """A router replica killed mid-stream never releases its slot: the lease frees it."""
+    import ray
+
+    client = _client(limits_app, limits_app.lease_key)
+    stream = _long_stream(client, max_tokens=1500)
+    next(iter(stream))  # running: the key's one slot is taken
+    with pytest.raises(openai.RateLimitError) as refused:
+        _tokens_used(client, stream=False)
+    assert refused.value.code == "concurrency_limit_exceeded"
+    key_id = _key_id(limits_app.keys_file, "one-at-a-time")
+    holders = [h for h, n in _limits_snapshot()["keys"][key_id]["holders"].items() if n > 0]
+    assert len(holders) == 1 and holders[0].startswith("SERVE_REPLICA::limits#router#")
+    ray.kill(ray.get_actor(holders[0], namespace="serve"), no_restart=True)
+    killed = time.monotonic()
+    stream.close()
+    statuses: list[str] = []
+    while time.monotonic() - killed < LEASE_S * 3 + 20:
+        try:
+            _tokens_used(client, stream=False)
+            break
+        except openai.APIStatusError as error:  # 429 until the lease ends; 5xx while
+            statuses.append(f"{error.status_code} {error.code}")  # Serve replaces the replica
+        except openai.APIConnectionError as error:
+            statuses.append(type(error).__name__)
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the dead replica's slot never came back: {statuses}")
+    waited = time.monotonic() - killed
+    assert "429 concurrency_limit_exceeded" in statuses, statuses  # held, then freed
+    assert waited <= LEASE_S + LEASE_S / 3 + 10, (waited, statuses)
+
+
+def _key_id(keys_file: Path, name: str) -> str:
+    from deployments.keys import list_keys
+
+    return next(key.id for key in list_keys(keys_file) if key.name == name)
+
+
 def test_no_key_material_in_any_log(limits_app: LimitsApp) -> None:
     import ray
 
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-    secrets = [limits_app.key_a.encode(), limits_app.key_b.encode()]
+    secrets = [
+        key.encode()
+        for key in (
+            limits_app.key_a,
+            limits_app.key_b,
+            limits_app.tpm_key,
+            limits_app.conc_key,
+            limits_app.lease_key,
+        )
+    ]
     leaked = [
         str(path)
         for path in logs.rglob("*")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from deployments import launcher
 
 SLEEPER = [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"]
@@ -48,3 +50,32 @@ def test_stop_with_no_grace_kills_the_child_and_what_it_started() -> None:
     grandchild = psutil.Process(int(process.stdout.readline()))
     assert launcher.stop(process, timeout=0) == -signal.SIGKILL
     grandchild.wait(timeout=5)  # gone, not orphaned: raises TimeoutExpired otherwise
+
+
+def test_a_local_cluster_is_started_on_loopback_unless_the_caller_chose() -> None:
+    assert launcher.local_cluster_env({})[launcher.LOOPBACK_ONLY] == "0"
+    # An operator who sets it keeps their choice; a named cluster is not started here.
+    assert launcher.local_cluster_env({launcher.LOOPBACK_ONLY: "1"})[launcher.LOOPBACK_ONLY] == "1"
+    assert launcher.LOOPBACK_ONLY not in launcher.local_cluster_env({"RAY_ADDRESS": "ray://h:1"})
+
+
+ENV_PRINTER = [
+    sys.executable,
+    "-c",
+    f"import os; print(os.environ.get({launcher.LOOPBACK_ONLY!r}), os.environ.get('MARK'))",
+]
+
+
+def test_start_hands_serve_run_the_loopback_setting_with_the_callers_env() -> None:
+    process = launcher.start(
+        "unused", command=ENV_PRINTER, env={"MARK": "x"}, stdout=subprocess.PIPE
+    )
+    out, _ = process.communicate(timeout=30)
+    assert out.split() == [b"0", b"x"]
+
+
+def test_disabling_ray_token_auth_is_warned_about(capsys: pytest.CaptureFixture[str]) -> None:
+    launcher.local_cluster_env({"RAY_AUTH_MODE": "disabled"})
+    assert "RAY_AUTH_MODE=disabled" in capsys.readouterr().err
+    launcher.local_cluster_env({})
+    assert capsys.readouterr().err == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ from starlette.types import Message
 
 from deployments.keys import create_key
 from router.auth import KeyLimits, KeyRing, Principal
-from router.quota import Admission, LocalLimits
+from router.quota import LOCAL_HOLDER, Admission, LocalLimits
 from tests.fakes import (
     COMPLETIONS_MODEL,
     FakeStatusSource,
@@ -135,6 +136,84 @@ def test_keys_are_counted_apart_and_no_limit_means_none() -> None:
     assert run(scenario()) == [True, False, True, *[True] * 1000]
 
 
+def test_a_holder_not_seen_for_its_lease_loses_its_slots(caplog: pytest.LogCaptureFixture) -> None:
+    clock, key = FakeClock(), principal(concurrency=2)
+    limits = LocalLimits(clock, lease_s=30)
+
+    async def scenario() -> list[bool]:
+        seen = [(await limits.admit(key, 1, holder)).ok for holder in ("dead", "alive", "new")]
+        clock.now += 20
+        await limits.renew("alive")
+        clock.now += 20  # "dead" last seen 40 s ago, "alive" 20 s ago
+        seen.append((await limits.admit(key, 1, "new")).ok)  # the dead one's slot came back
+        seen.append((await limits.admit(key, 1, "new")).ok)  # "alive" kept its slot
+        await limits.release(key, 7, "dead")  # too late: frees nobody else's slot
+        await limits.release(key, 7, "dead")  # and never goes below 0
+        seen.append((await limits.admit(key, 1, "new")).ok)
+        return seen
+
+    assert run(scenario()) == [True, True, False, True, False, False]
+    assert "quota holder dead not seen for over 30 s: freed its 1 concurrency" in caplog.text
+    assert "'0000000a': 1" in caplog.text and "alive" not in caplog.text
+    counts = limits.snapshot()
+    assert counts["keys"]["0000000a"] == {
+        "in_flight": 2,
+        "admitted": 3,
+        "tokens": 14,
+        "holders": {"alive": 1, "new": 1},
+    }
+    assert {h: c["in_flight"] for h, c in counts["holders"].items()} == {
+        "alive": 1,
+        "new": 1,
+        "dead": 0,
+    }
+
+
+def test_a_release_without_a_slot_frees_nothing() -> None:
+    key = principal(concurrency=1)
+    limits = LocalLimits(FakeClock())
+
+    async def scenario() -> list[bool]:
+        await limits.release(key, 0)  # a release with no admit (a lost lease, a restart)
+        return [(await limits.admit(key, 1)).ok, (await limits.admit(key, 1)).ok]
+
+    assert run(scenario()) == [True, False]
+
+
+def test_snapshot_counts_per_key_and_per_holder_over_the_window() -> None:
+    clock = FakeClock()
+    limits = LocalLimits(clock, lease_s=30)
+    key_a, key_b = principal("0000000a"), principal("0000000b")
+
+    async def scenario() -> None:
+        await limits.admit(key_a, 1, "r1")
+        await limits.admit(key_a, 1, "r1")
+        await limits.release(key_a, 10, "r1")
+        clock.now += 3
+        await limits.admit(key_b, 1, "r2")
+        clock.now += 5
+
+    run(scenario())
+    assert limits.snapshot() == {
+        "keys": {
+            "0000000a": {"in_flight": 1, "admitted": 2, "tokens": 10, "holders": {"r1": 1}},
+            "0000000b": {"in_flight": 1, "admitted": 1, "tokens": 0, "holders": {"r2": 1}},
+        },
+        "holders": {
+            "r1": {"in_flight": 1, "seen_s_ago": 8.0},
+            "r2": {"in_flight": 1, "seen_s_ago": 5.0},
+        },
+    }
+    clock.now += 60  # the window slid past everything, both leases lapsed
+    assert limits.snapshot() == {
+        "keys": {
+            "0000000a": {"in_flight": 0, "admitted": 0, "tokens": 0, "holders": {}},
+            "0000000b": {"in_flight": 0, "admitted": 0, "tokens": 0, "holders": {}},
+        },
+        "holders": {},
+    }
+
+
 # --- the router's 429s --------------------------------------------------------------
 
 
@@ -145,9 +224,11 @@ class RecordingLimits(LocalLimits):
         super().__init__()
         self.released: list[tuple[str, int]] = []
 
-    async def release(self, principal: Principal, tokens_used: int) -> None:
+    async def release(
+        self, principal: Principal, tokens_used: int, holder: str = LOCAL_HOLDER
+    ) -> None:
         self.released.append((principal.id, tokens_used))
-        await super().release(principal, tokens_used)
+        await super().release(principal, tokens_used, holder)
 
 
 def keyed_fleet(
@@ -326,3 +407,141 @@ def test_shared_limits_count_locally_while_the_actor_is_unreachable(
 
 async def _admit_times(backend: Any, key: Principal, times: int) -> list[Admission]:
     return [await backend.admit(key, 1) for _ in range(times)]
+
+
+class FakeActorHandle:
+    """A Ray actor handle without Ray: ``handle.method.remote(*args)`` is a coroutine
+    of the real ``_LimitsActor``, in this process. ``failing`` methods raise once."""
+
+    def __init__(self, lease_s: float | None = None, failing: tuple[str, ...] = ()) -> None:
+        from router.shared_limits import _LimitsActor
+
+        self.actor = _LimitsActor(lease_s)
+        self.calls: list[str] = []
+        self._failing = set(failing)
+
+    def __getattr__(self, method: str) -> Any:
+        from ray.exceptions import RaySystemError
+
+        async def remote(*args: Any) -> Any:
+            self.calls.append(method)
+            if method in self._failing:
+                self._failing.discard(method)
+                raise RaySystemError("GCS unavailable")
+            return await getattr(self.actor, method)(*args)
+
+        return SimpleNamespace(remote=remote)
+
+    def in_flight(self) -> int:
+        return sum(k["in_flight"] for k in self.actor._limits.snapshot()["keys"].values())
+
+
+def test_shared_limits_release_to_the_count_that_admitted() -> None:
+    from ray.exceptions import RaySystemError
+
+    from router.shared_limits import SharedLimits
+
+    shared, handle, key = SharedLimits("app"), FakeActorHandle(), principal(concurrency=1)
+
+    def reachable() -> Any:
+        return handle
+
+    def unreachable() -> Any:
+        raise RaySystemError("GCS unavailable")
+
+    async def scenario() -> list[Any]:
+        seen: list[Any] = []
+        shared._get_actor = reachable  # type: ignore[method-assign]
+        await handle.actor.admit(key, 1, "another-replica")
+        shared._get_actor = unreachable  # type: ignore[method-assign]
+        seen.append((await shared.admit(key, 1)).ok)  # counted in this replica
+        shared._get_actor = reachable  # type: ignore[method-assign]
+        await shared.release(key, 5)  # frees the local slot, not the other replica's
+        seen.append(handle.in_flight())
+        seen.append((await shared.admit(key, 1)).ok)  # the actor's count: full
+        await handle.actor.release(key, 0, "another-replica")
+        seen.append((await shared.admit(key, 1)).ok)  # admitted by the actor
+        shared._get_actor = unreachable  # type: ignore[method-assign]
+        seen.append((await shared.admit(key, 1)).ok)  # the local slot was freed
+        await shared.release(key, 0)  # the local one ends
+        shared._get_actor = reachable  # type: ignore[method-assign]
+        await shared.release(key, 0)  # the actor's one ends
+        seen.append(handle.in_flight())
+        await shared.stop()
+        return seen
+
+    assert run(scenario()) == [True, 1, False, True, True, 0]
+
+
+def test_shared_limits_renew_the_lease_while_requests_are_in_flight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from router.shared_limits import SharedLimits
+
+    shared = SharedLimits("app", lease_s=0.3)  # renews every 0.1 s
+    handle, key = FakeActorHandle(lease_s=0.3, failing=("renew",)), principal()
+    shared._get_actor = lambda: handle  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[int, int, int, int]:
+        await shared.admit(key, 1)
+        await asyncio.sleep(0.7)  # more than two leases: only the renewals keep the slot
+        held_after_leases = handle.in_flight()
+        await shared.release(key, 3)
+        renewals = handle.calls.count("renew")
+        await asyncio.sleep(0.3)
+        idle_renewals = handle.calls.count("renew") - renewals
+        await shared.admit(key, 1)
+        await shared.stop()  # the replica shuts down: no more renewals
+        stopped = handle.calls.count("renew")
+        await asyncio.sleep(0.3)
+        return held_after_leases, renewals, idle_renewals, handle.calls.count("renew") - stopped
+
+    held, renewals, idle_renewals, after_stop = run(scenario())
+    assert held == 1
+    assert 4 <= renewals <= 8  # one per 0.1 s, the first of them failed and was retried
+    assert "renewing the quota lease failed" in caplog.text
+    assert idle_renewals == 0 and after_stop == 0
+
+
+def test_a_renewal_sets_the_holders_slots_to_what_it_really_holds() -> None:
+    clock, key, other = FakeClock(), principal(concurrency=2), principal("0000000b", concurrency=1)
+    limits = LocalLimits(clock, lease_s=30)
+
+    async def scenario() -> list[Any]:
+        seen: list[Any] = [(await limits.admit(key, 1, "r1")).ok for _ in range(2)]
+        # r1's release of one of them was lost on the way: the key looks full.
+        seen.append((await limits.admit(key, 1, "r2")).ok)
+        await limits.renew("r1", {key.id: 1})  # r1 says it holds one
+        seen.append((await limits.admit(key, 1, "r2")).ok)
+        # A count restarted empty gets r1's slots back from its next renewal.
+        fresh = LocalLimits(clock, lease_s=30)
+        await fresh.renew("r1", {other.id: 1})
+        seen.append((await fresh.admit(other, 1, "r2")).ok)
+        await fresh.renew("r1", {})  # nothing held any more
+        seen.append((await fresh.admit(other, 1, "r2")).ok)
+        seen.append(limits.snapshot()["keys"][key.id]["holders"])
+        return seen
+
+    assert run(scenario()) == [True, True, False, True, False, True, {"r1": 1, "r2": 1}]
+
+
+def test_shared_limits_a_lost_release_is_corrected_by_the_next_renewal() -> None:
+    from router.shared_limits import SharedLimits
+
+    shared = SharedLimits("app", lease_s=0.3)  # renews every 0.1 s
+    handle, key = FakeActorHandle(lease_s=60, failing=("release",)), principal(concurrency=2)
+    shared._get_actor = lambda: handle  # type: ignore[method-assign]
+
+    async def scenario() -> list[int]:
+        await shared.admit(key, 1)
+        await shared.admit(key, 1)
+        await shared.release(key, 3)  # lost on the way: the actor still counts 2
+        seen = [handle.in_flight()]
+        await asyncio.sleep(0.25)  # a renewal says 1
+        seen.append(handle.in_flight())
+        await shared.release(key, 3)
+        await shared.stop()
+        seen.append(handle.in_flight())
+        return seen
+
+    assert run(scenario()) == [2, 1, 0]
