@@ -253,8 +253,6 @@ def ray_driver(fleet: Fleet) -> Iterator[None]:
     """This test process as a second driver on the fleet's cluster (handles, status)."""
     import ray
 
-    # The launcher keeps the cluster on loopback; a driver must look for it there too.
-    os.environ[launcher.LOOPBACK_ONLY] = "0"
     ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
     yield
 

