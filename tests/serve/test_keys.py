@@ -91,6 +91,8 @@ def limits_app(
                 },
                 "resources": {"num_cpus": 0.1},
                 "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                # A stream whose router was killed runs on: don't wait for it at the end.
+                "graceful_shutdown_timeout_s": 5,
             },
             {
                 "id": MODEL,
@@ -307,7 +309,7 @@ def test_a_dead_router_replicas_slots_come_back_after_the_lease(limits_app: Limi
     import ray
 
     client = _client(limits_app, limits_app.lease_key)
-    stream = _long_stream(client, max_tokens=1500)
+    stream = _long_stream(client, max_tokens=300)  # lasts well past the kill
     next(iter(stream))  # running: the key's one slot is taken
     with pytest.raises(openai.RateLimitError) as refused:
         _tokens_used(client, stream=False)

@@ -9,6 +9,7 @@ server scrapes the cluster through Ray's service discovery file, with the repo's
 from __future__ import annotations
 
 import json
+import statistics
 import time
 import uuid
 from collections.abc import Iterator
@@ -94,15 +95,20 @@ def test_an_engine_that_cannot_start_is_failed_with_its_reason(fleet: Fleet) -> 
     assert status == 200
     assert body["models"][CHAT_MODEL]["state"] == "ready"
     assert body["models"][COMPLETION_MODEL]["state"] == "ready"
-    started = time.monotonic()
-    refused = httpx.post(
-        f"{fleet.base_url}/v1/chat/completions",
-        json={"model": BROKEN_ENGINE_MODEL, "messages": [{"role": "user", "content": "Hi"}]},
-        timeout=30,
-    )
-    assert time.monotonic() - started < 1.0
-    assert refused.status_code == 503 and refused.headers["retry-after"]
-    assert refused.json()["error"]["code"] == "model_not_ready"
+    # At once: no wake, no queue. Judged like the loading probes (median under 1 s, none
+    # over 5 s), as 2 shared cores sometimes stall one request for a second.
+    took = []
+    for _ in range(3):
+        started = time.monotonic()
+        refused = httpx.post(
+            f"{fleet.base_url}/v1/chat/completions",
+            json={"model": BROKEN_ENGINE_MODEL, "messages": [{"role": "user", "content": "Hi"}]},
+            timeout=30,
+        )
+        took.append(time.monotonic() - started)
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert refused.json()["error"]["code"] == "model_not_ready"
+    assert statistics.median(took) < 1.0 and max(took) < 5.0, took
     assert _chat(fleet, "Hi", max_tokens=2).status_code == 200
     cards = httpx.get(f"{fleet.base_url}/v1/models", timeout=10).json()["data"]
     states = {card["id"]: card.get("status") for card in cards}
