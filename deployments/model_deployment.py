@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from deployments.caller_watch import CallerWatch
 from deployments.config import ModelConfig
 from deployments.engine import EngineInfo, LLMEngine, Reply, Route
 from deployments.replica_status import Phase, PhaseReporter
@@ -72,6 +73,7 @@ class ModelDeployment:
         log_through_serve("deployments")
         self._model = model
         self._engine: LLMEngine | None = None
+        self._callers = CallerWatch()
         self._phase = _phase_reporter()
         try:
             self._report("downloading" if model.source.startswith(_REMOTE_SCHEMES) else "loading")
@@ -92,15 +94,24 @@ class ModelDeployment:
             self._phase.set(phase)
 
     async def generate(
-        self, route: Route, body: dict[str, Any], request_id: str
+        self, route: Route, body: dict[str, Any], request_id: str, caller: str | None = None
     ) -> AsyncIterator[str | Reply]:
-        """The engine's stream; a whole answer carries the seconds the engine took."""
+        """The engine's stream; a whole answer carries the seconds the engine took.
+
+        ``caller``: the calling router replica's actor name; if it dies, the request is
+        cancelled (``deployments/caller_watch.py``).
+        """
         assert self._engine is not None
         started = time.perf_counter()
-        async for item in self._engine.generate(route, body, request_id):
-            if isinstance(item, Reply):
-                item = dataclasses.replace(item, engine_s=time.perf_counter() - started)
-            yield item
+        untrack = self._callers.track(caller) if caller is not None else None
+        try:
+            async for item in self._engine.generate(route, body, request_id):
+                if isinstance(item, Reply):
+                    item = dataclasses.replace(item, engine_s=time.perf_counter() - started)
+                yield item
+        finally:
+            if untrack is not None:
+                untrack()
 
     async def info(self) -> EngineInfo:
         return self._info
@@ -115,6 +126,9 @@ class ModelDeployment:
 
     async def __del__(self) -> None:
         # Serve calls this on replicas whose __init__ failed (weights unreachable) too.
+        callers = getattr(self, "_callers", None)
+        if callers is not None:
+            await callers.stop()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             await engine.shutdown()

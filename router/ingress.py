@@ -37,9 +37,10 @@ class RouterIngress:
     ):
         log_through_serve("llm_fleet")
         self._keys = load_keyring(config)  # first: a bad keys file fails before anything starts
-        clients = {model_id: HandleModelClient(model_id, h) for model_id, h in models.items()}
-        metrics = RayRouterMetrics()
         replica = serve.get_replica_context()
+        me = replica.replica_id.to_full_id_str()  # this replica's actor name
+        clients = {model_id: HandleModelClient(model_id, h, me) for model_id, h in models.items()}
+        metrics = RayRouterMetrics()
         app_name = replica.app_name
         self._board = ServeStatusBoard(app_name, config, models, on_update=metrics.models_updated)
         await self._board.start()
@@ -49,7 +50,7 @@ class RouterIngress:
             SharedLimits(
                 app_name,
                 lease_s=config.router.quota_lease_s,
-                holder=replica.replica_id.to_full_id_str(),  # the replica actor's name
+                holder=me,
             )
             if self._keys is not None
             else None

@@ -29,9 +29,12 @@ class ModelClient(Protocol):
 class HandleModelClient:
     """A ``ModelClient`` over a streaming Ray Serve deployment handle."""
 
-    def __init__(self, model_id: str, handle: DeploymentHandle[Any]):
+    def __init__(self, model_id: str, handle: DeploymentHandle[Any], caller: str | None = None):
         self._model_id = model_id
         self._handle = handle.options(stream=True)
+        # This router replica's actor name: the model replica stops generating for it
+        # if it dies (deployments/caller_watch.py).
+        self._caller = caller
 
     async def stream(
         self, route: Route, body: dict[str, Any], request_id: str
@@ -40,7 +43,7 @@ class HandleModelClient:
 
         response = cast(
             "DeploymentResponseGenerator[str | Reply]",
-            self._handle.generate.remote(route, body, request_id),
+            self._handle.generate.remote(route, body, request_id, self._caller),
         )
         try:
             async for item in response:

@@ -27,6 +27,7 @@ import httpx
 import openai
 import pytest
 
+from deployments.caller_watch import PERIOD_S as CALLER_CHECK_S
 from deployments.keys import KeysFile, create_key, load_keys, revoke_key, write_keys
 from tests.serve.conftest import CHAT_MODEL, Fleet
 
@@ -304,12 +305,17 @@ def _limits_snapshot() -> dict[str, Any]:
     return snapshot
 
 
-def test_a_dead_router_replicas_slots_come_back_after_the_lease(limits_app: LimitsApp) -> None:
-    """A router replica killed mid-stream never releases its slot: the lease frees it."""
+def test_a_dead_router_replicas_slot_and_generation_end(limits_app: LimitsApp) -> None:
+    """A router replica killed mid-stream never releases its slot: the lease frees it.
+
+    Nor does it cancel its stream: the model replica sees its caller gone and aborts
+    the generation (deployments/caller_watch.py), long before max_tokens.
+    """
     import ray
+    from ray import serve
 
     client = _client(limits_app, limits_app.lease_key)
-    stream = _long_stream(client, max_tokens=300)  # lasts well past the kill
+    stream = _long_stream(client, max_tokens=1500)  # a minute or more here
     next(iter(stream))  # running: the key's one slot is taken
     with pytest.raises(openai.RateLimitError) as refused:
         _tokens_used(client, stream=False)
@@ -336,6 +342,11 @@ def test_a_dead_router_replicas_slots_come_back_after_the_lease(limits_app: Limi
     print(f"lease {LEASE_S} s: admitted again {waited:.1f} s after the kill; before: {statuses}")
     assert "429 concurrency_limit_exceeded" in statuses, statuses  # held, then freed
     assert waited <= LEASE_S + LEASE_S / 3 + 10, (waited, statuses)
+    model = serve.get_deployment_handle(REAL_MODEL, app_name=APP)
+    while model.num_unfinished_requests.remote().result() > 0:
+        assert time.monotonic() - killed < CALLER_CHECK_S + 15, "the orphan stream runs on"
+        time.sleep(0.5)
+    print(f"orphan generation aborted within {time.monotonic() - killed:.1f} s of the kill")
 
 
 def _key_id(keys_file: Path, name: str) -> str:

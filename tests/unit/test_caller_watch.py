@@ -1,0 +1,94 @@
+"""A model replica stops generating for a router replica that died."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.caller_watch import CallerWatch
+from deployments.fake_engine import FakeEngine
+
+# ignore_eos: the fake repeats its words until max_tokens, as a long answer would.
+CHAT = {
+    "model": "fake",
+    "messages": [{"role": "user", "content": "Hi"}],
+    "stream": True,
+    "max_tokens": 500,
+    "ignore_eos": True,
+}
+
+
+class Callers:
+    """Which callers are alive, and how often each was asked about."""
+
+    def __init__(self, *alive: str) -> None:
+        self.alive = set(alive)
+        self.asked: list[str] = []
+
+    def is_alive(self, caller: str) -> bool:
+        self.asked.append(caller)
+        return caller in self.alive
+
+
+async def _stream(engine: FakeEngine, watch: CallerWatch, caller: str) -> int:
+    """A replica's generate: the engine's stream, watched for ``caller``."""
+    untrack = watch.track(caller)
+    frames = 0
+    try:
+        async for _ in engine.generate("chat", CHAT, f"r-{caller}"):
+            frames += 1
+    finally:
+        untrack()
+    return frames
+
+
+def test_the_requests_of_a_dead_caller_are_aborted_and_the_others_go_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    callers = Callers("router-a", "router-b")
+    engine = FakeEngine(token_delay_s=0.002)  # a stream lasts about 1 s
+
+    async def scenario() -> tuple[list[object], int, int]:
+        await engine.start()
+        watch = CallerWatch(callers.is_alive, period_s=0.05)
+        tasks = [
+            asyncio.create_task(_stream(engine, watch, caller))
+            for caller in ("router-a", "router-a", "router-b")
+        ]
+        await asyncio.sleep(0.12)
+        callers.alive.discard("router-a")  # killed
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        unfinished = await engine.num_unfinished_requests()
+        await watch.stop()
+        return done, unfinished, len(callers.asked)
+
+    done, unfinished, asked = run(scenario())
+    assert [type(d).__name__ for d in done[:2]] == ["CancelledError", "CancelledError"]
+    assert done[2] == 1 + 500 + 1  # router-b's stream ran to the end: role, tokens, [DONE]
+    assert unfinished == 0  # the engine counts no request still generating
+    assert "caller router-a is gone: aborting its 2 request(s) in flight" in caplog.text
+    # One question per caller and period (0.05 s), not per request or token.
+    assert asked < 60
+
+
+def test_with_nothing_in_flight_nobody_is_asked() -> None:
+    callers = Callers("router-a")
+
+    async def scenario() -> None:
+        watch = CallerWatch(callers.is_alive, period_s=0.01)
+        untrack = watch.track("router-a")
+        await asyncio.sleep(0.05)
+        untrack()
+        await asyncio.sleep(0.05)
+        asked = len(callers.asked)
+        await asyncio.sleep(0.05)
+        assert len(callers.asked) == asked  # the watch ended with the last request
+        await watch.stop()
+
+    run(scenario())
+    assert callers.asked
+
+
+def run(coroutine: object) -> object:
+    return asyncio.run(coroutine)  # type: ignore[arg-type]
