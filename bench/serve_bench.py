@@ -1,0 +1,344 @@
+"""llm-fleet against bare vLLM, measured with vLLM's own benchmark client, same run.
+
+Starts bare vLLM's OpenAI server (``vllm.entrypoints.openai.api_server``) and then
+llm-fleet (``serve run`` of ``serve_config.local.yaml`` narrowed to one model) on the
+same converted model, the same engine arguments and the same machine. Then, for each
+round and each concurrency level, it runs vLLM's benchmark client
+(``vllm.benchmarks.serve``, what ``vllm bench serve`` runs; its CLI entry point fails
+on the CPU build, so it is called from Python) against one side and then the other,
+the order alternating by round, so drift on a shared machine hits both alike. Both
+servers stay up for the whole run; the idle one costs next to nothing.
+
+The dataset is vLLM's ``random`` one with a fixed seed: every level sends the same
+prompts to both sides, streaming chat completions with ``ignore_eos``. The table shows
+the median over rounds of each figure and the ratio fleet / bare. The raw results of
+every run go to ``.bench-results/`` (outside git) as one JSON file.
+
+``--variant NAME:K=V,K=V`` benchmarks more fleets in the same run, one after the other,
+each with those environment variables on top of the default ones (how the Ray Serve
+levers were measured: see README, Performance). Never asserted in tests.
+
+    .venv/bin/python bench/serve_bench.py                # make bench
+    .venv/bin/python bench/serve_bench.py --rounds 1 --concurrency 1 32 \\
+        --variant haproxy:RAY_SERVE_ENABLE_HA_PROXY=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.cpu_account import cpu_span  # noqa: E402
+from deployments import embedded, launcher  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+RESULTS = REPO / ".bench-results"
+# vLLM's figures (ms and per-second rates) that the table and the JSON keep.
+FIGURES = (
+    "output_throughput",
+    "request_throughput",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "median_itl_ms",
+    "median_e2el_ms",
+)
+COLUMNS = (
+    ("output_throughput", "out tok/s", "higher"),
+    ("request_throughput", "req/s", "higher"),
+    ("median_ttft_ms", "TTFT p50", "lower"),
+    ("p99_ttft_ms", "TTFT p99", "lower"),
+    ("median_itl_ms", "ITL p50", "lower"),
+    ("median_e2el_ms", "E2E p50", "lower"),
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 900) -> None:
+    """Until ``url`` answers a one-token chat (or the server exits)."""
+    deadline = time.monotonic() + timeout
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200:
+                return
+        time.sleep(2)
+    raise TimeoutError(f"{url} not ready in {timeout:.0f} s")
+
+
+@dataclass
+class Side:
+    """One server under test and its results: {concurrency: [figures per round]}."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    results: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+
+
+def model_settings() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The local config narrowed to the benchmarked model, and that model's entry.
+
+    The model runs exactly one replica, like bare vLLM's one engine: autoscaling a
+    second CPU engine onto the same cores would measure the machine, not the gateway.
+    """
+    config = yaml.safe_load((REPO / "serve_config.local.yaml").read_text())
+    app = config["applications"][0]
+    model = next(m for m in app["args"]["models"] if m["id"] == MODEL)
+    model["autoscaling"] = {**model.get("autoscaling", {}), "min_replicas": 1, "max_replicas": 1}
+    app["args"]["models"] = [model]
+    return config, model
+
+
+def bare_command(model_path: Path, engine_args: Mapping[str, Any], port: int) -> list[str]:
+    """vLLM's own OpenAI server with the fleet's engine arguments for this model."""
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_path), "--served-model-name", MODEL,
+        "--host", "127.0.0.1", "--port", str(port),
+        # The fleet's CPU defaults (deployments/vllm_engine.py: CPU_ENGINE_DEFAULTS).
+        "--dtype", "float32", "--enforce-eager",
+    ]  # fmt: skip
+    for key, value in engine_args.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def run_client(
+    url: str, tokenizer: Path, concurrency: int, seed: int, args: argparse.Namespace
+) -> dict:
+    """One level of ``vllm bench serve`` against ``url``; vLLM's result dict.
+
+    ``seed`` picks the random prompts. Both sides of a comparison get the same seed,
+    and no engine sees a seed twice: vLLM caches prompt prefixes, and a repeated prompt
+    would measure that cache instead of the server.
+    """
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    prompts = max(args.min_prompts, concurrency * args.prompts_per_slot)
+    argv = [
+        "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+        "--base-url", url, "--model", MODEL, "--tokenizer", str(tokenizer),
+        "--dataset-name", "random", "--seed", str(seed),
+        "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+        "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+        "--ignore-eos", "--temperature", "0",
+        "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,99",
+        "--disable-tqdm", "--num-warmups", str(concurrency),
+    ]  # fmt: skip
+    with contextlib.redirect_stdout(sys.stderr):  # vLLM's own report: keep stdout for ours
+        result: dict = main(parser.parse_args(argv))
+    if result.get("completed", 0) != prompts:
+        raise RuntimeError(f"{url}: {result.get('completed')} of {prompts} requests completed")
+    return {name: float(result[name]) for name in FIGURES}
+
+
+def median_figures(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {name: statistics.median(run[name] for run in runs) for name in FIGURES}
+
+
+def print_table(bare: Side, fleets: list[Side]) -> None:
+    header = f"{'side':18s} {'conc':>4s} " + " ".join(f"{title:>10s}" for _, title, _ in COLUMNS)
+    print(header)
+    for level in sorted(bare.results):
+        base = median_figures(bare.results[level])
+        print(
+            f"{bare.name:18s} {level:4d} "
+            + " ".join(f"{base[name]:10.2f}" for name, _, _ in COLUMNS)
+        )
+        for fleet in fleets:
+            if level not in fleet.results:
+                continue
+            mine = median_figures(fleet.results[level])
+            print(
+                f"{fleet.name:18s} {level:4d} "
+                + " ".join(f"{mine[name]:10.2f}" for name, _, _ in COLUMNS)
+            )
+            print(
+                f"{'  ratio fleet/bare':18s} {level:4d} "
+                + " ".join(f"{mine[name] / base[name]:10.3f}" for name, _, _ in COLUMNS)
+            )
+
+
+def print_cpu(sides: list[Side]) -> None:
+    """Cores busy per kind of process (CPU seconds / wall seconds), medians over rounds."""
+    print("cores busy by process kind (CPU s / wall s)")
+    for side in sides:
+        for level, runs in sorted(side.results.items()):
+            kinds = sorted({k for run in runs for k in run["cpu_s"]})
+            shares = {
+                k: statistics.median(run["cpu_s"].get(k, 0.0) / run["wall_s"] for run in runs)
+                for k in kinds
+            }
+            busy = ", ".join(
+                f"{k} {v:.2f}"
+                for k, v in sorted(shares.items(), key=lambda kv: -kv[1])
+                if v >= 0.01
+            )
+            print(f"  {side.name:16s} c={level:<3d} total {sum(shares.values()):.2f}: {busy}")
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME:K=V,K=V``: environment variables, or app args where K has a dot
+    (``router.model_transport=grpc``, ``model.stream_coalescing=false``)."""
+    name, _, assignments = text.partition(":")
+    return name, dict(item.split("=", 1) for item in assignments.split(",") if item)
+
+
+def apply_variant(
+    config: dict[str, Any], settings: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A copy of ``config`` with the variant's args edits, and its env variables."""
+    config = json.loads(json.dumps(config))
+    args = config["applications"][0]["args"]
+    env = {}
+    for key, value in settings.items():
+        if "." not in key:
+            env[key] = value
+            continue
+        section, field_name = key.split(".", 1)
+        target = args["models"][0] if section == "model" else args.setdefault(section, {})
+        target[field_name] = yaml.safe_load(value)
+    return config, env
+
+
+@contextlib.contextmanager
+def fleet_server(
+    config: dict[str, Any], env: Mapping[str, str], tmp: Path, name: str
+) -> Iterator[Side]:
+    port = free_port()
+    config = {**config, "http_options": {**config["http_options"], "port": port}}
+    path = tmp / f"serve_config.{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = (tmp / f"fleet-{name}.log").open("wb")
+    process = launcher.start(str(path), stdout=log, stderr=log, cwd=str(REPO), env=env)
+    side = Side(name, f"http://127.0.0.1:{port}", process)
+    try:
+        wait_ready(side.url, process)
+        yield side
+    finally:
+        launcher.stop(process)
+        log.close()
+
+
+def measure(
+    sides: list[Side], tokenizer: Path, args: argparse.Namespace, round_no: int, first_seed: int
+) -> None:
+    """One round: every level, every side, the side order alternating by round."""
+    order = sides if round_no % 2 == 0 else list(reversed(sides))
+    for number, level in enumerate(args.concurrency):
+        for side in order:
+            started = time.perf_counter()
+            with cpu_span([side.process.pid]) as cpu:
+                seed = first_seed + number
+                figures: dict[str, Any] = run_client(side.url, tokenizer, level, seed, args)
+            figures["wall_s"] = time.perf_counter() - started
+            figures["cpu_s"] = dict(cpu)
+            side.results.setdefault(level, []).append(figures)
+            print(
+                f"round {round_no} {side.name:14s} c={level:<3d} "
+                f"{figures['output_throughput']:7.2f} tok/s "
+                f"TTFT p50 {figures['median_ttft_ms']:8.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--prompts-per-slot", type=int, default=2, help="prompts = c * this")
+    parser.add_argument("--min-prompts", type=int, default=8)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,...")
+    parser.add_argument("--no-default-fleet", action="store_true")
+    args = parser.parse_args()
+
+    model_path = embedded.prepare(MODEL)
+    config, model_cfg = model_settings()
+    base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    variants = [] if args.no_default_fleet else [("llm-fleet", {})]
+    variants += [parse_variant(v) for v in args.variant]
+    tmp = Path(tempfile.mkdtemp(prefix="llm-fleet-bench-"))
+    started = time.time()
+
+    bare_log = (tmp / "bare.log").open("wb")
+    port = free_port()
+    bare_process = subprocess.Popen(
+        bare_command(model_path, model_cfg["engine_args"], port),
+        stdout=bare_log,
+        stderr=bare_log,
+        env={**base_env, **model_cfg.get("env", {})},
+    )
+    bare = Side("bare vLLM", f"http://127.0.0.1:{port}", bare_process)
+    fleets: list[Side] = []
+    try:
+        wait_ready(bare.url, bare_process)
+        for number, (name, settings) in enumerate(variants):
+            variant_config, env = apply_variant(config, settings)
+            with fleet_server(variant_config, {**base_env, **env}, tmp, name) as fleet:
+                for round_no in range(args.rounds):
+                    seed = 1000 * number + 100 * round_no
+                    measure([bare, fleet], model_path, args, round_no, seed)
+                fleets.append(fleet)
+    finally:
+        bare_process.terminate()
+        bare_process.wait(timeout=60)
+        bare_log.close()
+
+    print(
+        f"model {MODEL} on {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"random dataset {args.input_len} in / {args.output_len} out, ignore_eos, "
+        f"{args.rounds} alternating rounds, medians; logs in {tmp}"
+    )
+    print_table(bare, fleets)
+    print_cpu([bare, *fleets])
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / time.strftime("serve-%Y%m%d-%H%M%S.json", time.localtime(started))
+    out.write_text(
+        json.dumps(
+            {
+                "model": MODEL,
+                "args": vars(args),
+                "variants": {name: env for name, env in variants},
+                "bare": bare.results,
+                "fleets": {f.name: f.results for f in fleets},
+            },
+            indent=2,
+        )
+    )
+    print(f"raw results: {out}")
+
+
+if __name__ == "__main__":
+    main()
