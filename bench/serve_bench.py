@@ -207,8 +207,10 @@ def print_cpu(sides: list[Side]) -> None:
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """``NAME:K=V,K=V``: environment variables, or app args where K has a dot
-    (``router.model_transport=grpc``, ``model.stream_coalescing=false``)."""
+    """``NAME:K=V,K=V``: environment variables; where K has a dot, a config edit: app
+    args (``streaming.handle_transport=grpc``, ``model.max_ongoing_requests=32``) or,
+    under ``app.``, the Serve application (``app.logging_config.enable_access_log=false``).
+    """
     name, _, assignments = text.partition(":")
     return name, dict(item.split("=", 1) for item in assignments.split(",") if item)
 
@@ -224,8 +226,15 @@ def apply_variant(
         if "." not in key:
             env[key] = value
             continue
-        section, field_name = key.split(".", 1)
-        target = args["models"][0] if section == "model" else args.setdefault(section, {})
+        *path, field_name = key.split(".")
+        if path[0] == "app":
+            target = config["applications"][0]
+            path = path[1:]
+        else:
+            target = args["models"][0] if path[0] == "model" else args.setdefault(path[0], {})
+            path = path[1:]
+        for part in path:
+            target = target.setdefault(part, {})
         target[field_name] = yaml.safe_load(value)
     return config, env
 

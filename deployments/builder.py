@@ -28,6 +28,8 @@ from deployments.errors import ConfigError
 if TYPE_CHECKING:
     from ray.serve import Application
 
+    from deployments.model_deployment import EngineFactory
+
 ENV_ALLOWED_MODELS = "LLM_ALLOWED_MODELS"
 ENV_DEFAULT_MAX_TOKENS = "LLM_DEFAULT_MAX_TOKENS"
 ENV_MAX_TOKENS_LIMIT = "LLM_MAX_TOKENS_LIMIT"
@@ -156,13 +158,21 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
     return options
 
 
-def build_model_apps(config: FleetConfig) -> dict[str, Application]:
-    """One bound deployment per allowed model, keyed by model id."""
+def build_model_apps(
+    config: FleetConfig, engine_factory: EngineFactory | None = None
+) -> dict[str, Application]:
+    """One bound deployment per allowed model, keyed by model id (vLLM engines unless
+    ``engine_factory`` says otherwise)."""
     from ray import serve
 
     from deployments.model_deployment import ModelDeployment
 
     return {
-        model.id: serve.deployment(**deployment_options(model))(ModelDeployment).bind(model)
+        model.id: serve.deployment(**deployment_options(model))(ModelDeployment).bind(
+            model,
+            engine_factory,
+            cpu_binding=config.cpu_binding,
+            coalesce_frames=config.streaming.coalesce_frames,
+        )
         for model in config.models
     }

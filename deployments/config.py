@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.cpu_placement import CORE_LIST_PATTERN
+
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SOURCE_SCHEMES = ("embedded://", "s3://", "hf://", "file://", "/")
 # Engine args the schema owns elsewhere: two places to set one thing is a bug magnet.
@@ -80,11 +82,21 @@ class ResourcesConfig(StrictModel):
     accelerator_type: str | None = Field(
         None, description="Ray accelerator type to pin replicas to, e.g. 'H100'."
     )
+    cpu_cores: str | None = Field(
+        None,
+        pattern=CORE_LIST_PATTERN,
+        description="CPU engines only: the cores every replica of this model binds its "
+        "OpenMP threads to, in vLLM's syntax ('0-3', '4,6'). Unset: each replica claims "
+        "cores of its own on its node (see cpu_binding). Set it only for models with one "
+        "replica per node.",
+    )
 
     @model_validator(mode="after")
     def _tp_needs_gpus(self) -> ResourcesConfig:
         if self.tensor_parallel_size > 1 and self.num_gpus == 0:
             raise ValueError("tensor_parallel_size > 1 needs num_gpus > 0")
+        if self.cpu_cores is not None and self.num_gpus > 0:
+            raise ValueError("cpu_cores binds a CPU engine; this model runs on GPUs")
         return self
 
     @property
@@ -232,6 +244,48 @@ class ModelConfig(StrictModel):
         return value
 
 
+class CpuBindingConfig(StrictModel):
+    """How CPU engine replicas get cores (``deployments/cpu_placement.py``).
+
+    Ray's ``num_cpus`` is a count, not a set of cores, and vLLM's CPU build left to
+    itself binds every engine on a node to the same first cores. With ``auto`` each CPU
+    replica claims ``max(1, floor(resources.num_cpus))`` cores of its own on its node
+    and binds its engine there (``VLLM_CPU_OMP_THREADS_BIND``); /health shows where. On
+    GPUs nothing is bound: ``num_cpus`` is then what feeds the engine's scheduler and
+    input processing.
+    """
+
+    mode: Literal["auto", "off"] = Field(
+        "auto",
+        description="'auto': each CPU engine replica claims cores of its own. 'off': vLLM "
+        "binds as it would alone (every engine on a node takes the same cores).",
+    )
+    reserved_cores: int = Field(
+        1,
+        ge=0,
+        description="The last cores of each node, left to Ray, the Serve proxy, the router "
+        "and the engines' schedulers; engines claim the others (never fewer than one).",
+    )
+
+
+class StreamingConfig(StrictModel):
+    """How a model replica's answer travels to the router (one Ray Serve handle call)."""
+
+    handle_transport: Literal["actor", "grpc"] = Field(
+        "actor",
+        description="'actor': Ray's actor calls, each stream item through Ray's object "
+        "store protocol (Serve's default). 'grpc': Serve's direct gRPC channel between "
+        "replicas, items pickled by value (handle option _by_reference=False).",
+    )
+    coalesce_frames: bool = Field(
+        False,
+        description="Model replicas send the first frame of a stream at once and then, "
+        "each time the router takes the next item, every frame already produced, joined "
+        "into one item (no timer, so no added latency). Fewer, larger items when a stream "
+        "outruns the hop to the router.",
+    )
+
+
 class RouterConfig(StrictModel):
     """The OpenAI-compatible ingress deployment."""
 
@@ -304,6 +358,14 @@ class FleetConfig(StrictModel):
     )
     router: RouterConfig = Field(
         default_factory=RouterConfig, description="Router (ingress) settings."
+    )
+    streaming: StreamingConfig = Field(
+        default_factory=StreamingConfig,
+        description="The hop between model replicas and the router (see README, Performance).",
+    )
+    cpu_binding: CpuBindingConfig = Field(
+        default_factory=CpuBindingConfig,
+        description="Cores for CPU engine replicas: each one its own, reported in /health.",
     )
 
     @field_validator("models")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,8 +14,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from deployments.caller_watch import CallerWatch
-from deployments.config import ModelConfig
+from deployments.config import CpuBindingConfig, ModelConfig
+from deployments.cpu_placement import (
+    BIND_ENV,
+    CoreClaims,
+    CorePlacement,
+    format_core_list,
+    place_engine,
+    this_process,
+)
 from deployments.engine import EngineInfo, LLMEngine, Reply, Route
+from deployments.frame_coalescing import coalesce_frames
 from deployments.replica_status import Phase, PhaseReporter
 from deployments.serve_logging import log_through_serve
 from deployments.weights import resolve_weights
@@ -57,6 +67,43 @@ def _phase_reporter() -> PhaseReporter | None:
     return PhaseReporter(context.app_name, context.deployment, context.replica_id.unique_id)
 
 
+def bind_engine_cores(
+    model: ModelConfig, binding: CpuBindingConfig, claims: CoreClaims | None = None
+) -> CorePlacement | None:
+    """Claim this replica's cores and bind the engine it starts next to them.
+
+    The engine's processes inherit ``VLLM_CPU_OMP_THREADS_BIND`` from this one (one
+    replica process holds one engine). None: a GPU model, ``cpu_binding.mode: off``, or
+    the model's ``env`` leaves binding to vLLM.
+    """
+    if model.resources.uses_gpu or binding.mode == "off":
+        return None
+    placement = place_engine(
+        num_cpus=model.resources.num_cpus,
+        configured=model.resources.cpu_cores,
+        env=model.env,
+        reserved_cores=binding.reserved_cores,
+        claims=claims or CoreClaims(),
+        owner=this_process(),
+    )
+    if placement is not None:
+        os.environ[BIND_ENV] = format_core_list(placement.cores)
+        logger.info(
+            "engine for %s bound to cores %s (%s%s)",
+            model.id,
+            format_core_list(placement.cores),
+            placement.how,
+            ", shared with another engine" if placement.shared else "",
+        )
+    return placement
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class ModelDeployment:
     """Loads the model's weights, starts its engine and serves the engine contract.
 
@@ -68,10 +115,15 @@ class ModelDeployment:
 
     # Ray Serve awaits an async __init__: the replica counts as started once the engine is.
     async def __init__(  # type: ignore[misc]
-        self, model: ModelConfig, engine_factory: EngineFactory | None = None
+        self,
+        model: ModelConfig,
+        engine_factory: EngineFactory | None = None,
+        cpu_binding: CpuBindingConfig | None = None,
+        coalesce_frames: bool = False,
     ):
         log_through_serve("deployments")
         self._model = model
+        self._coalesce = coalesce_frames
         self._engine: LLMEngine | None = None
         self._callers = CallerWatch()
         self._phase = _phase_reporter()
@@ -80,18 +132,19 @@ class ModelDeployment:
             # In a thread: a download must not stall the replica's event loop.
             path = await asyncio.to_thread(resolve_weights, model)
             self._report("loading")
+            cores = bind_engine_cores(model, cpu_binding or CpuBindingConfig())
             self._engine = (engine_factory or vllm_engine_factory)(model, path)
             self._info = await self._engine.start()
         except BaseException as exc:
             if self._phase is not None:
                 self._phase.set("failed", failure_reason(exc))
             raise
-        if self._phase is not None:
-            self._phase.remove()
+        placement: dict[str, Any] = {"node_id": _node_id(), "cpu_cores": None}
+        self._report("serving", {**placement, **(cores.as_json() if cores else {})})
 
-    def _report(self, phase: Phase) -> None:
+    def _report(self, phase: Phase, placement: dict[str, Any] | None = None) -> None:
         if self._phase is not None:
-            self._phase.set(phase)
+            self._phase.set(phase, placement=placement)
 
     async def generate(
         self, route: Route, body: dict[str, Any], request_id: str, caller: str | None = None
@@ -104,8 +157,11 @@ class ModelDeployment:
         assert self._engine is not None
         started = time.perf_counter()
         untrack = self._callers.track(caller) if caller is not None else None
+        stream = self._engine.generate(route, body, request_id)
+        if self._coalesce:
+            stream = coalesce_frames(stream)
         try:
-            async for item in self._engine.generate(route, body, request_id):
+            async for item in stream:
                 if isinstance(item, Reply):
                     item = dataclasses.replace(item, engine_s=time.perf_counter() - started)
                 yield item
@@ -126,6 +182,9 @@ class ModelDeployment:
 
     async def __del__(self) -> None:
         # Serve calls this on replicas whose __init__ failed (weights unreachable) too.
+        phase = getattr(self, "_phase", None)
+        if phase is not None and getattr(self, "_info", None) is not None:
+            phase.remove()
         callers = getattr(self, "_callers", None)
         if callers is not None:
             await callers.stop()

@@ -1,15 +1,18 @@
-"""What a model replica is doing while Ray Serve still calls it STARTING.
+"""What a model replica is doing, beyond what Ray Serve knows of it.
 
 Serve knows a replica is starting, not whether it is downloading weights or loading
-the engine, nor why it failed until its retries are spent. So each replica writes its
-phase to Ray's GCS key-value store (no extra process; every worker can reach it), and
-refreshes it every few seconds while its constructor runs; a serving replica removes
-its entry, a failed one leaves it (with the reason) unrefreshed. The router reads
-these entries (``router/model_status.py``) and ignores loading entries not refreshed
-recently: a replica killed mid-load leaves nothing that looks alive.
+the engine, nor why it failed until its retries are spent, nor which node and cores
+its engine runs on. So each replica writes its phase to Ray's GCS key-value store (no
+extra process; every worker can reach it) and refreshes it every few seconds: while
+its constructor runs (``downloading``, ``loading``) and while it serves (``serving``,
+with its placement); a failed one leaves its entry (with the reason) unrefreshed, and
+one shutting down removes it. The router reads these entries
+(``router/model_status.py``) and ignores entries not refreshed recently: a replica
+killed mid-load or mid-serve leaves nothing that looks alive.
 
 Key: ``<app>/<model>/<replica>`` in the ``llm_fleet_status`` namespace.
-Value: JSON ``{"phase", "since", "updated", "reason"}``, times in epoch seconds.
+Value: JSON ``{"phase", "since", "updated", "reason", "placement"}``, times in epoch
+seconds; ``placement`` (serving only): ``{"node_id", "cpu_cores", "how", "shared"}``.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ray.exceptions import RayError
 
 logger = logging.getLogger(__name__)
 
-Phase = Literal["downloading", "loading", "failed"]
+Phase = Literal["downloading", "loading", "serving", "failed"]
+STARTING_PHASES = ("downloading", "loading")
 NAMESPACE = "llm_fleet_status"
 HEARTBEAT_S = 2.0
 # An entry older than this belongs to a replica that is gone.
@@ -39,6 +43,7 @@ class ReplicaPhase:
     since: float
     updated: float
     reason: str | None = None
+    placement: dict[str, Any] | None = None
 
     def fresh(self, now: float) -> bool:
         return now - self.updated <= STALE_AFTER_S
@@ -85,13 +90,17 @@ class PhaseReporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def set(self, phase: Phase, reason: str | None = None) -> None:
+    def set(
+        self, phase: Phase, reason: str | None = None, placement: dict[str, Any] | None = None
+    ) -> None:
         now = time.time()
         with self._lock:
             since = self._state.since if phase == self._state.phase else now
-            self._state = ReplicaPhase(phase=phase, since=since, updated=now, reason=reason)
+            self._state = ReplicaPhase(
+                phase=phase, since=since, updated=now, reason=reason, placement=placement
+            )
         self._write()
-        if phase in ("downloading", "loading") and self._thread is None:
+        if phase != "failed" and self._thread is None:
             self._thread = threading.Thread(target=self._beat, name="llm-fleet-phase", daemon=True)
             self._thread.start()
         elif phase == "failed":
@@ -99,7 +108,7 @@ class PhaseReporter:
             self._stop.set()
 
     def remove(self) -> None:
-        """The replica is serving (Serve reports it from now on) or shutting down."""
+        """The replica is shutting down."""
         from ray.experimental import internal_kv
 
         self._stop.set()

@@ -140,7 +140,7 @@ async def _relay(
 
     try:
         async for frame in frames():
-            relayed = tap.frame(frame, record)
+            relayed = tap.chunk(frame, record)
             if relayed is not None:
                 yield relayed
     except APIError as err:

@@ -15,6 +15,7 @@ from ray.serve import Application
 
 from deployments.builder import build_model_apps, load_config
 from deployments.config import FleetConfig
+from deployments.model_deployment import EngineFactory
 
 ROUTER_DEPLOYMENT = "router"
 
@@ -31,9 +32,14 @@ def router_options(config: FleetConfig) -> dict[str, Any]:
 
 def build_app(args: Mapping[str, Any]) -> Application:
     """Build the whole fleet from the YAML ``args`` (see ``deployments/config.py``)."""
+    return build_fleet(load_config(args, os.environ))
+
+
+def build_fleet(config: FleetConfig, engine_factory: EngineFactory | None = None) -> Application:
+    """The router in front of one deployment per model; ``engine_factory`` replaces vLLM
+    (the router-ceiling benchmark runs the fake engine behind the real stack)."""
     from router.ingress import RouterIngress
 
-    config = load_config(args, os.environ)
-    models = build_model_apps(config)
+    models = build_model_apps(config, engine_factory)
     deployment = serve.deployment(**router_options(config))(RouterIngress)
     return deployment.bind(config, models)

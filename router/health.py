@@ -6,7 +6,9 @@
   readiness back. Until the router's first status read, nothing counts as ready.
 
 Both bodies: ``{"status", "models": {id: {"state", "reason", "required_for_readiness",
-"replicas": {"running", "starting", "min", "max"}, "loading_for_s"}}}``.
+"replicas": {"running", "starting", "min", "max"}, "loading_for_s", "placement"}}}``;
+``placement`` lists each serving replica's ``{"replica", "node_id", "cpu_cores",
+"how", "shared"}`` (``deployments/cpu_placement.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def _models_body(
                     "max": scaling.max_replicas,
                 },
                 "loading_for_s": None,
+                "placement": [],
             }
         else:
             body[model_id] = status.as_json()

@@ -39,7 +39,11 @@ class RouterIngress:
         self._keys = load_keyring(config)  # first: a bad keys file fails before anything starts
         replica = serve.get_replica_context()
         me = replica.replica_id.to_full_id_str()  # this replica's actor name
-        clients = {model_id: HandleModelClient(model_id, h, me) for model_id, h in models.items()}
+        transport = config.streaming.handle_transport
+        clients = {
+            model_id: HandleModelClient(model_id, h, me, transport=transport)
+            for model_id, h in models.items()
+        }
         metrics = RayRouterMetrics()
         app_name = replica.app_name
         self._board = ServeStatusBoard(app_name, config, models, on_update=metrics.models_updated)

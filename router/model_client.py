@@ -9,7 +9,7 @@ the replica, which aborts the generation in vLLM.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from deployments.engine import Reply, Route
 from deployments.errors import InternalServerError, ServiceUnavailableError
@@ -29,8 +29,19 @@ class ModelClient(Protocol):
 class HandleModelClient:
     """A ``ModelClient`` over a streaming Ray Serve deployment handle."""
 
-    def __init__(self, model_id: str, handle: DeploymentHandle[Any], caller: str | None = None):
+    def __init__(
+        self,
+        model_id: str,
+        handle: DeploymentHandle[Any],
+        caller: str | None = None,
+        transport: Literal["actor", "grpc"] = "actor",
+    ):
         self._model_id = model_id
+        if transport == "grpc":
+            # Serve's replica-to-replica gRPC channel; items travel pickled, by value.
+            handle = handle.options(
+                _by_reference=False, request_serialization="pickle", response_serialization="pickle"
+            )
         self._handle = handle.options(stream=True)
         # This router replica's actor name: the model replica stops generating for it
         # if it dies (deployments/caller_watch.py).

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from deployments.config import ModelConfig
-from deployments.replica_status import ReplicaPhase
+from deployments.replica_status import STARTING_PHASES, ReplicaPhase
 
 State = Literal["ready", "downloading", "loading", "idle", "failed"]
 STATES: tuple[State, ...] = ("ready", "downloading", "loading", "idle", "failed")
@@ -52,6 +52,8 @@ class ModelStatus:
     starting: int = 0
     reason: str | None = None
     loading_for_s: float | None = None
+    # Where the serving replicas run: {"replica", "node_id", "cpu_cores", "how", "shared"}.
+    placement: tuple[dict[str, Any], ...] = ()
 
     @property
     def required(self) -> bool:
@@ -70,6 +72,7 @@ class ModelStatus:
                 "max": self.max_replicas,
             },
             "loading_for_s": None if self.loading_for_s is None else round(self.loading_for_s, 1),
+            "placement": list(self.placement),
         }
 
 
@@ -106,12 +109,17 @@ def derive_status(
         return status("loading", "not deployed yet")
     running = view.count("RUNNING", "PENDING_MIGRATION")
     starting = view.count("STARTING", "UPDATING", "RECOVERING")
-    counts: dict[str, Any] = {"running": running, "starting": starting}
+    placement = tuple(
+        {"replica": replica, **(p.placement or {})}
+        for replica, p in sorted(phases.items())
+        if p.phase == "serving" and p.fresh(now)
+    )
+    counts: dict[str, Any] = {"running": running, "starting": starting, "placement": placement}
     if running > 0:
         return status("ready", **counts)
     if view.status == "DEPLOY_FAILED" or (view.status == "UNHEALTHY" and starting == 0):
         return status("failed", last_failure or _first_line(view.message) or view.status, **counts)
-    loading = [p for p in phases.values() if p.phase != "failed" and p.fresh(now)]
+    loading = [p for p in phases.values() if p.phase in STARTING_PHASES and p.fresh(now)]
     if starting > 0 or loading:
         downloading = any(p.phase == "downloading" for p in loading)
         since = min((p.since for p in loading), default=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from deployments.frame_coalescing import FRAME_END, split_frames
 from router.accounting import RequestRecord
 
 DONE_FRAME = "data: [DONE]\n\n"
@@ -34,6 +35,14 @@ class UsageTap:
 
     def __init__(self, drop_usage_chunk: bool):
         self._drop = drop_usage_chunk
+
+    def chunk(self, item: str, record: RequestRecord) -> str | None:
+        """The text to relay for one stream item, one frame or several joined
+        (``streaming.coalesce_frames``); None: nothing left to relay."""
+        if item.count(FRAME_END) <= 1:
+            return self.frame(item, record)
+        kept = [text for frame in split_frames(item) if (text := self.frame(frame, record))]
+        return "".join(kept) or None
 
     def frame(self, frame: str, record: RequestRecord) -> str | None:
         """The frame to relay (None: drop it), after noting what it says."""

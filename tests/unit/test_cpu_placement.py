@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from deployments.config import CpuBindingConfig, ModelConfig
 from deployments.cpu_placement import (
     CoreClaims,
     engine_pool,
@@ -17,6 +20,7 @@ from deployments.cpu_placement import (
     place_engine,
     this_process,
 )
+from deployments.model_deployment import bind_engine_cores
 
 
 class FakeLiveness:
@@ -96,9 +100,7 @@ def test_a_used_up_pool_is_shared_and_says_so(
     assert "shared with another engine" in caplog.text
 
 
-def test_cores_of_a_dead_replica_are_free_again(
-    claims: CoreClaims, liveness: FakeLiveness
-) -> None:
+def test_cores_of_a_dead_replica_are_free_again(claims: CoreClaims, liveness: FakeLiveness) -> None:
     place(claims, "a")
     liveness.dead.add("a")
     again = place(claims, "b")
@@ -144,3 +146,35 @@ def test_real_process_owners_expire_with_their_process(tmp_path: Path) -> None:
     cores, shared = claims.claim(this_process(), 1, [0, 1])
     assert (cores, shared) == ([0], False)  # the exited child no longer holds core 0
     assert list(json.loads(path.read_text())) == [this_process()]
+
+
+def model_config(**resources: object) -> ModelConfig:
+    return ModelConfig.model_validate(
+        {"id": "m", "source": "embedded://m", "resources": {"num_cpus": 1, **resources}}
+    )
+
+
+def test_the_replica_binds_its_engine_through_vllms_variable(
+    claims: CoreClaims, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    placement = bind_engine_cores(model_config(), CpuBindingConfig(reserved_cores=0), claims)
+    assert placement is not None and placement.how == "auto"
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == format_core_list(placement.cores)
+
+
+def test_gpu_models_and_binding_off_leave_vllm_alone(
+    claims: CoreClaims, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert bind_engine_cores(model_config(num_gpus=1), CpuBindingConfig(), claims) is None
+    assert bind_engine_cores(model_config(), CpuBindingConfig(mode="off"), claims) is None
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+
+
+def test_config_checks_core_lists() -> None:
+    assert model_config(cpu_cores="0-3").resources.cpu_cores == "0-3"
+    with pytest.raises(ValidationError, match="cpu_cores"):
+        model_config(cpu_cores="first")
+    with pytest.raises(ValidationError, match="runs on GPUs"):
+        model_config(cpu_cores="0", num_gpus=1)

@@ -34,9 +34,20 @@ def model(min_replicas: int = 1, max_replicas: int = 2) -> ModelConfig:
 
 
 def phase(
-    kind: Phase, *, since_ago: float = 60.0, updated_ago: float = 1.0, reason: str | None = None
+    kind: Phase,
+    *,
+    since_ago: float = 60.0,
+    updated_ago: float = 1.0,
+    reason: str | None = None,
+    placement: dict[str, object] | None = None,
 ) -> ReplicaPhase:
-    return ReplicaPhase(phase=kind, since=NOW - since_ago, updated=NOW - updated_ago, reason=reason)
+    return ReplicaPhase(
+        phase=kind,
+        since=NOW - since_ago,
+        updated=NOW - updated_ago,
+        reason=reason,
+        placement=placement,
+    )
 
 
 def view(status: str, message: str = "", **replica_states: int) -> DeploymentView:
@@ -261,8 +272,31 @@ def test_as_json_is_what_health_shows() -> None:
         "required_for_readiness": False,
         "replicas": {"running": 0, "starting": 1, "min": 0, "max": 3},
         "loading_for_s": 12.3,
+        "placement": [],
     }
     assert ModelStatus(model="m", state="ready", min_replicas=1, max_replicas=1).required
+
+
+def test_serving_replicas_show_where_they_run() -> None:
+    """/health lists each live serving replica's node and cores; a stale one is gone."""
+    phases = {
+        "r2": phase("serving", placement={"node_id": "n1", "cpu_cores": [1], "shared": False}),
+        "r1": phase("serving", placement={"node_id": "n1", "cpu_cores": [0], "shared": False}),
+        "gone": phase("serving", updated_ago=STALE_AFTER_S + 1, placement={"node_id": "n2"}),
+    }
+    status = derive_status(model(), view("HEALTHY", RUNNING=2), phases, NOW)
+    assert status.as_json()["placement"] == [
+        {"replica": "r1", "node_id": "n1", "cpu_cores": [0], "shared": False},
+        {"replica": "r2", "node_id": "n1", "cpu_cores": [1], "shared": False},
+    ]
+
+
+def test_a_serving_entry_is_not_a_replica_loading() -> None:
+    """A serving replica's entry is fresh, but it must not make a scaled-to-zero model
+    (or one Serve reports nothing for) look like it is loading."""
+    phases = {"r1": phase("serving", placement={"node_id": "n1"})}
+    status = derive_status(model(min_replicas=0), view("HEALTHY"), phases, NOW)
+    assert (status.state, status.reason) == ("idle", "scaled to zero")
 
 
 def test_always_ready_knows_nothing() -> None:

@@ -106,6 +106,7 @@ def test_an_unknown_models_entry_has_the_documented_keys() -> None:
         "required_for_readiness",
         "replicas",
         "loading_for_s",
+        "placement",
     }
 
 
