@@ -58,8 +58,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check deployments router tests bench
 	$(BIN)/mypy
 
+# llm-fleet against bare vLLM with vLLM's own client, then the router's own ceiling
+# (zero-cost engine against a plain Serve echo). About 40 minutes here; results in
+# .bench-results/. Never run by `make test`.
 bench: models
-	$(BIN)/python bench/stream_throughput.py
+	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python bench/router_ceiling.py
 
 clean:
 	rm -rf $(VENV) $(MIRROR_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -98,7 +98,7 @@ class Side:
     name: str
     url: str
     process: subprocess.Popen[bytes]
-    results: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+    results: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def model_settings() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -166,26 +166,28 @@ def median_figures(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def print_table(bare: Side, fleets: list[Side]) -> None:
+    """Per fleet and level: the medians of each side over the rounds they shared, and
+    the median of the per-round ratios (a round's two runs are back to back, so drift
+    of the machine cancels in each ratio)."""
     header = f"{'side':18s} {'conc':>4s} " + " ".join(f"{title:>10s}" for _, title, _ in COLUMNS)
     print(header)
-    for level in sorted(bare.results):
-        base = median_figures(bare.results[level])
-        print(
-            f"{bare.name:18s} {level:4d} "
-            + " ".join(f"{base[name]:10.2f}" for name, _, _ in COLUMNS)
-        )
-        for fleet in fleets:
-            if level not in fleet.results:
-                continue
-            mine = median_figures(fleet.results[level])
-            print(
-                f"{fleet.name:18s} {level:4d} "
-                + " ".join(f"{mine[name]:10.2f}" for name, _, _ in COLUMNS)
-            )
-            print(
-                f"{'  ratio fleet/bare':18s} {level:4d} "
-                + " ".join(f"{mine[name] / base[name]:10.3f}" for name, _, _ in COLUMNS)
-            )
+    for fleet in fleets:
+        for level, runs in sorted(fleet.results.items()):
+            base_runs = [run for run in bare.results[level] if run["with"] == fleet.name]
+            base, mine = median_figures(base_runs), median_figures(runs)
+            ratios = {
+                name: statistics.median(
+                    f[name] / b[name] for b, f in zip(base_runs, runs, strict=True)
+                )
+                for name in FIGURES
+            }
+            for label, row, fmt in (
+                (bare.name, base, "10.2f"),
+                (fleet.name, mine, "10.2f"),
+                ("  ratio fleet/bare", ratios, "10.3f"),
+            ):
+                cells = " ".join(format(row[name], fmt) for name, _, _ in COLUMNS)
+                print(f"{label:18s} {level:4d} {cells}")
 
 
 def print_cpu(sides: list[Side]) -> None:
@@ -193,6 +195,8 @@ def print_cpu(sides: list[Side]) -> None:
     print("cores busy by process kind (CPU s / wall s)")
     for side in sides:
         for level, runs in sorted(side.results.items()):
+            if side.name == "bare vLLM" and len(sides) > 2:
+                runs = [run for run in runs if run["with"] == sides[1].name]
             kinds = sorted({k for run in runs for k in run["cpu_s"]})
             shares = {
                 k: statistics.median(run["cpu_s"].get(k, 0.0) / run["wall_s"] for run in runs)
@@ -271,6 +275,7 @@ def measure(
                 figures: dict[str, Any] = run_client(side.url, tokenizer, level, seed, args)
             figures["wall_s"] = time.perf_counter() - started
             figures["cpu_s"] = dict(cpu)
+            figures["with"] = sides[-1].name  # the fleet this round compares
             side.results.setdefault(level, []).append(figures)
             print(
                 f"round {round_no} {side.name:14s} c={level:<3d} "

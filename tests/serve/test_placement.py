@@ -1,0 +1,60 @@
+"""Engine core placement on the real fleet: /health says where, and vLLM really binds there."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+
+import httpx
+import psutil
+import pytest
+
+from tests.serve.conftest import CHAT_MODEL, COMPLETION_MODEL, Fleet
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+REPLICA_TITLE = "ray::ServeReplica:fleet:"
+
+
+def _engine_workers(fleet: Fleet) -> dict[str, Counter[tuple[int, ...]]]:
+    """Per model: the CPU affinity of each running vLLM worker process of the fleet."""
+    found: dict[str, Counter[tuple[int, ...]]] = {}
+    for proc in psutil.Process(fleet.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "VLLM::Worker" not in " ".join(proc.cmdline()):
+                continue
+            affinity = tuple(sorted(proc.cpu_affinity()))
+            for parent in proc.parents():
+                title = " ".join(parent.cmdline())
+                if title.startswith(REPLICA_TITLE):
+                    model = title.removeprefix(REPLICA_TITLE).split()[0].split(".")[0]
+                    found.setdefault(model, Counter())[affinity] += 1
+                    break
+    return found
+
+
+def test_each_serving_replica_reports_its_node_and_cores(fleet: Fleet) -> None:
+    models = httpx.get(f"{fleet.base_url}/health/ready", timeout=10).json()["models"]
+    cores = set(range(os.cpu_count() or 1))
+    for model in (CHAT_MODEL, COMPLETION_MODEL):
+        entry = models[model]
+        assert entry["state"] == "ready"
+        assert len(entry["placement"]) == entry["replicas"]["running"] >= 1
+        for replica in entry["placement"]:
+            assert replica["node_id"], replica
+            assert replica["how"] == "auto"
+            assert replica["cpu_cores"] and set(replica["cpu_cores"]) <= cores
+            assert isinstance(replica["shared"], bool)
+
+
+def test_vllm_workers_run_on_the_cores_health_reports(fleet: Fleet) -> None:
+    """The claim is not just a report: each engine's worker process is bound there."""
+    models = httpx.get(f"{fleet.base_url}/health/ready", timeout=10).json()["models"]
+    workers = _engine_workers(fleet)
+    for model in (CHAT_MODEL, COMPLETION_MODEL):
+        reported = Counter(tuple(r["cpu_cores"]) for r in models[model]["placement"])
+        assert workers.get(model) == reported, (model, workers, reported)
+        # The engines leave the node's last core (cpu_binding.reserved_cores: 1) to Ray
+        # and the router, as long as the node has another one.
+        if (os.cpu_count() or 1) > 1:
+            assert all((os.cpu_count() or 1) - 1 not in cores for cores in reported)
