@@ -102,7 +102,8 @@ async def load(url: str, concurrency: int, seconds: float, tokens: int) -> dict[
         async def worker() -> None:
             nonlocal done, frames
             while time.perf_counter() < deadline:
-                frames += await one_request(session, url, tokens)
+                got = await one_request(session, url, tokens)  # read frames after the await
+                frames += got
                 done += 1
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
