@@ -161,7 +161,7 @@ class VLLMEngine:
             stat_loggers=_ray_stat_loggers(),
             disable_log_stats=bool(kwargs.get("disable_log_stats", False)),
         )
-        self._client._run_output_handler()
+        self._client._run_output_handler()  # type: ignore[no-untyped-call]
         args = argparse.Namespace(**(vars(FrontendArgs()) | vars(engine_args)))
         state = State()
         tasks = await self._client.get_supported_tasks()
