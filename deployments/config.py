@@ -279,11 +279,12 @@ class StreamingConfig(StrictModel):
         "object store protocol (Serve's own default).",
     )
     coalesce_frames: bool = Field(
-        True,
+        False,
         description="Model replicas send the first frame of a stream at once and then, "
         "each time the router takes the next item, every frame already produced, joined "
-        "into one item (no timer, so no added latency). Fewer, larger items when a stream "
-        "outruns the hop to the router.",
+        "into one item (no timer, so no added latency). Off by default: it only pays when "
+        "replicas run user code on Serve's own loop, which buffered whole streams with the "
+        "gRPC transport (README, Performance).",
     )
 
 

@@ -19,21 +19,15 @@ to that cluster (``serve status``, ``ray.init(address="auto")``) need the same v
 Ray's token auth, on by default for local clusters, is left on; with
 ``RAY_AUTH_MODE=disabled`` the launcher warns.
 
-It also sets the cluster-wide settings the gateway is measured fastest with
-(``SERVING_ENV``; README, Performance), each only where the caller has not set it:
+It also sets the one cluster-wide Ray Serve setting the gateway is measured faster
+with (``SERVING_ENV``; README, Performance), only where the caller has not set it:
+``RAY_SERVE_PROXY_USE_GRPC=1``, the Serve proxy reaching the router over Serve's gRPC
+channel (items by value) instead of Ray actor calls. The other levers measured (workers
+at nice 0, same-loop replicas, HAProxy, ``RAY_SERVE_THROUGHPUT_OPTIMIZED``) stay at
+Ray's defaults; the README says why for each.
 
-- ``RAY_worker_niceness=0``: Ray starts every worker (Serve's proxy, controller, the
-  replicas and so the vLLM engine processes they spawn) at nice 15, below Ray's own
-  daemons and anything else on the node; an engine scheduler that spins between steps
-  then waits behind them. Bare vLLM runs at nice 0.
-- ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``, ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0``:
-  replicas run our code and their handle routers on Serve's own event loop, with no
-  thread hop per streamed item (and so frame coalescing sees the backlog).
-- ``RAY_SERVE_PROXY_USE_GRPC=1``: the Serve proxy reaches the router over Serve's gRPC
-  channel (items by value) instead of Ray actor calls.
-
-A cluster started some other way (KubeRay, ``ray start``) needs the same variables in
-its nodes' environment (``infra/kuberay/rayservice.yaml`` sets them).
+A cluster started some other way (KubeRay, ``ray start``) needs the same variable in
+its nodes' environment (``infra/kuberay/rayservice.yaml`` sets it).
 """
 
 from __future__ import annotations
@@ -51,12 +45,7 @@ import psutil
 
 STOP_TIMEOUT_S = 60.0
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-SERVING_ENV = {
-    "RAY_worker_niceness": "0",
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_PROXY_USE_GRPC": "1",
-}
+SERVING_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
 
 
 def _bin(name: str) -> str:

@@ -9,7 +9,6 @@ code (``OpenAIServingChat`` / ``OpenAIServingCompletion``), not ours.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
@@ -150,18 +149,12 @@ class VLLMEngine:
 
             # The replica's placement group holds one GPU bundle per shard.
             vllm_config.parallel_config.placement_group = get_current_placement_group()
-        # Starting the engine blocks for as long as the model loads (a minute here):
-        # in a thread, so the replica's event loop (Serve's own, when user code shares
-        # it) keeps answering. Built outside a loop, AsyncLLM defers its output task;
-        # it is started right after, on this loop, as a construction inside it would.
-        self._client = await asyncio.to_thread(
-            AsyncLLM.from_vllm_config,
+        self._client = AsyncLLM.from_vllm_config(
             vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
             stat_loggers=_ray_stat_loggers(),
             disable_log_stats=bool(kwargs.get("disable_log_stats", False)),
         )
-        self._client._run_output_handler()  # type: ignore[no-untyped-call]
         args = argparse.Namespace(**(vars(FrontendArgs()) | vars(engine_args)))
         state = State()
         tasks = await self._client.get_supported_tasks()

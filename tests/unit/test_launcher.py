@@ -83,8 +83,10 @@ def test_disabling_ray_token_auth_is_warned_about(capsys: pytest.CaptureFixture[
 
 def test_serving_settings_are_defaults_the_caller_can_override() -> None:
     env = launcher.local_cluster_env({})
-    assert env["RAY_worker_niceness"] == "0"
-    assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
-    mine = launcher.local_cluster_env({"RAY_worker_niceness": "5", "RAY_ADDRESS": "ray://h:1"})
-    assert mine["RAY_worker_niceness"] == "5"
+    # Measured and left at Ray's defaults (README, Performance): workers below Ray's
+    # daemons, user code in its own thread.
+    assert "RAY_worker_niceness" not in env
+    assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in env
+    mine = launcher.local_cluster_env({"RAY_SERVE_PROXY_USE_GRPC": "0", "RAY_ADDRESS": "ray://h:1"})
+    assert mine["RAY_SERVE_PROXY_USE_GRPC"] == "0"
