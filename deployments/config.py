@@ -283,8 +283,8 @@ class StreamingConfig(StrictModel):
         description="Model replicas send the first frame of a stream at once and then, "
         "each time the router takes the next item, every frame already produced, joined "
         "into one item (no timer, so no added latency). Off by default: it only pays when "
-        "replicas run user code on Serve's own loop, which buffered whole streams with the "
-        "gRPC transport (README, Performance).",
+        "replicas run user code on Serve's own loop, which Ray's defaults and ours leave "
+        "off (README, Performance).",
     )
 
 
