@@ -2,6 +2,8 @@
 
 - ``build_fleet``: llm-fleet's real stack (Serve proxy → router replica → model replica)
   with a zero-cost engine: the fake engine with no delay between tokens.
+- ``build_direct``: the same model's direct path (Serve proxy → model replica, which
+  runs the router's OpenAI app in process: ``router/direct.py``), same zero-cost engine.
 - ``build_echo``: one plain Ray Serve deployment that streams the same frames (the
   fake engine's) straight back: what Serve itself costs for a streamed answer.
 """
@@ -18,10 +20,11 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from deployments.builder import load_config
+from deployments.builder import direct_model_config, load_config
 from deployments.config import ModelConfig
 from deployments.engine import Reply
 from deployments.fake_engine import FakeEngine
+from router.builder import build_direct as build_real_direct
 from router.builder import build_fleet as build_real_fleet
 
 
@@ -33,6 +36,11 @@ def zero_cost_engine(model: ModelConfig, path: Path) -> FakeEngine:
 
 def build_fleet(args: Mapping[str, Any]) -> Application:
     return build_real_fleet(load_config(args, os.environ), zero_cost_engine)
+
+
+def build_direct(args: Mapping[str, Any]) -> Application:
+    config, model_id = direct_model_config(args, os.environ)
+    return build_real_direct(config, model_id, zero_cost_engine)
 
 
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1})

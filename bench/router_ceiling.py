@@ -2,11 +2,13 @@
 
 One ``serve run`` (the launcher's) holds two apps on the same cluster and cores
 (``bench/ceiling_apps.py``): ``/fleet``, the real proxy → router → model replica stack
-over the fake engine with no delay between tokens, and ``/echo``, one plain Serve
-deployment streaming the same frames back. A small asyncio client (aiohttp, counting
+over the fake engine with no delay between tokens; ``/m/fake``, the same model's direct
+path (proxy → model replica, no router hop); and ``/echo``, one plain Serve deployment
+streaming the same frames back. A small asyncio client (aiohttp, counting
 frames without parsing them, so the client is not what saturates) keeps ``c`` streaming
 chat requests in flight for a fixed time against one app and then the other,
-alternating by round, and prints requests/s and frames/s with the ratio fleet / echo.
+alternating by round, and prints requests/s and frames/s with the ratios fleet / echo
+and direct / echo.
 This separates what the router adds from what Ray Serve itself costs. The fleet app
 runs the production settings of ``serve_config.local.yaml``'s router; ``--variant``
 takes the same ``NAME:K=V`` edits as ``bench/serve_bench.py``.
@@ -51,6 +53,7 @@ def ceiling_config(port: int) -> dict[str, Any]:
         "limits": {"default_max_tokens": 64, "max_tokens_limit": 4096},
         "max_ongoing_requests": 1000,
         "max_queued_requests": 1000,
+        "direct": True,  # also at /m/fake: the direct path, measured as its own side
     }
     return {
         **{k: v for k, v in local.items() if k != "applications"},
@@ -61,6 +64,12 @@ def ceiling_config(port: int) -> dict[str, Any]:
                 "route_prefix": "/fleet",
                 "import_path": "bench.ceiling_apps:build_fleet",
                 "args": {**fleet_args, "models": [model]},
+            },
+            {
+                "name": f"fleet.{MODEL}",
+                "route_prefix": f"/m/{MODEL}",
+                "import_path": "bench.ceiling_apps:build_direct",
+                "args": {**fleet_args, "models": [model], "direct_model": MODEL},
             },
             {
                 "name": "echo",
@@ -120,8 +129,9 @@ def wait_ready(base: str, process: Any, timeout: float = 300) -> None:
             raise RuntimeError("serve run exited")
         try:
             fleet = httpx.get(f"{base}/fleet/health/ready", timeout=5).status_code == 200
+            direct = httpx.get(f"{base}/m/{MODEL}/health/ready", timeout=5).status_code == 200
             echo = asyncio.run(_echo_ok(f"{base}/echo/v1/chat/completions"))
-            if fleet and echo:
+            if fleet and direct and echo:
                 return
         except (httpx.HTTPError, aiohttp.ClientError, RuntimeError):
             pass
@@ -146,8 +156,7 @@ def main() -> None:
     port = free_port()
     config = ceiling_config(port)
     name, settings = parse_variant(args.variant) if args.variant else ("default", {})
-    fleet_app, env = apply_variant({"applications": [config["applications"][0]]}, settings)
-    config["applications"][0] = fleet_app["applications"][0]
+    config, env = apply_variant(config, settings)
     tmp = Path(tempfile.mkdtemp(prefix="llm-fleet-ceiling-"))
     path = tmp / "serve_config.ceiling.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -159,6 +168,7 @@ def main() -> None:
     sides = {
         "echo": f"{base}/echo/v1/chat/completions",
         "fleet": f"{base}/fleet/v1/chat/completions",
+        "direct": f"{base}/m/{MODEL}/v1/chat/completions",
     }
     results: dict[str, dict[int, list[dict[str, float]]]] = {side: {} for side in sides}
     try:
@@ -169,7 +179,7 @@ def main() -> None:
                 for side in order:
                     figures = asyncio.run(load(sides[side], level, args.seconds, args.tokens))
                     results[side].setdefault(level, []).append(figures)
-                    print(f"round {round_no} {side:5s} c={level:<3d} {figures}", file=sys.stderr)
+                    print(f"round {round_no} {side:6s} c={level:<3d} {figures}", file=sys.stderr)
     finally:
         launcher.stop(process)
         log.close()
@@ -188,8 +198,9 @@ def main() -> None:
         for side in sides:
             m = medians[side]
             print(f"{side:8s} {level:4d} {m['requests_per_s']:10.2f} {m['frames_per_s']:10.1f}")
-        ratio = medians["fleet"]["requests_per_s"] / medians["echo"]["requests_per_s"]
-        print(f"{'fleet/echo':8s} {level:4d} {ratio:10.3f}")
+        for side in ("fleet", "direct"):
+            ratio = medians[side]["requests_per_s"] / medians["echo"]["requests_per_s"]
+            print(f"{side + '/echo':12s} {level:4d} {ratio:10.3f}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / time.strftime("ceiling-%Y%m%d-%H%M%S.json")
     out.write_text(json.dumps({"args": vars(args), "variant": settings, "results": results}))

@@ -111,7 +111,10 @@ def model_settings() -> tuple[dict[str, Any], dict[str, Any]]:
     app = config["applications"][0]
     model = next(m for m in app["args"]["models"] if m["id"] == MODEL)
     model["autoscaling"] = {**model.get("autoscaling", {}), "min_replicas": 1, "max_replicas": 1}
-    app["args"]["models"] = [model]
+    if not model.get("direct"):
+        raise RuntimeError(f"{MODEL} must keep direct: true in serve_config.local.yaml")
+    for each in config["applications"]:  # the fleet app and the model's direct app
+        each["args"]["models"] = [model]
     return config, model
 
 
@@ -173,7 +176,8 @@ def print_table(bare: Side, fleets: list[Side]) -> None:
     print(header)
     for fleet in fleets:
         for level, runs in sorted(fleet.results.items()):
-            base_runs = [run for run in bare.results[level] if run["with"] == fleet.name]
+            bare_runs = {run["pair"]: run for run in bare.results[level]}
+            base_runs = [bare_runs[run["pair"]] for run in runs]
             base, mine = median_figures(base_runs), median_figures(runs)
             ratios = {
                 name: statistics.median(
@@ -195,8 +199,9 @@ def print_cpu(sides: list[Side]) -> None:
     print("cores busy by process kind (CPU s / wall s)")
     for side in sides:
         for level, runs in sorted(side.results.items()):
-            if side.name == "bare vLLM" and len(sides) > 2:
-                runs = [run for run in runs if run["with"] == sides[1].name]
+            if side.name == "bare vLLM":  # the rounds of the first fleet only
+                pairs = {run["pair"] for run in sides[1].results[level]}
+                runs = [run for run in runs if run["pair"] in pairs]
             kinds = sorted({k for run in runs for k in run["cpu_s"]})
             shares = {
                 k: statistics.median(run["cpu_s"].get(k, 0.0) / run["wall_s"] for run in runs)
@@ -224,50 +229,64 @@ def apply_variant(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """A copy of ``config`` with the variant's args edits, and its env variables."""
     config = json.loads(json.dumps(config))
-    args = config["applications"][0]["args"]
     env = {}
     for key, value in settings.items():
         if "." not in key:
             env[key] = value
             continue
         *path, field_name = key.split(".")
-        if path[0] == "app":
-            target = config["applications"][0]
-            path = path[1:]
-        else:
-            target = args["models"][0] if path[0] == "model" else args.setdefault(path[0], {})
-            path = path[1:]
-        for part in path:
-            target = target.setdefault(part, {})
-        target[field_name] = yaml.safe_load(value)
+        # Every llm-fleet app: the fleet's and the direct app (whose args are the fleet's).
+        for app in config["applications"]:
+            if "models" not in app.get("args", {}):
+                continue
+            args = app["args"]
+            if path[0] == "app":
+                target = app
+            elif path[0] == "model":
+                target = args["models"][0]
+            else:
+                target = args.setdefault(path[0], {})
+            for part in path[1:]:
+                target = target.setdefault(part, {})
+            target[field_name] = yaml.safe_load(value)
     return config, env
 
 
 @contextlib.contextmanager
 def fleet_server(
     config: dict[str, Any], env: Mapping[str, str], tmp: Path, name: str
-) -> Iterator[Side]:
+) -> Iterator[tuple[Side, Side]]:
+    """One fleet, measured through both doors: the router and the model's direct path."""
     port = free_port()
     config = {**config, "http_options": {**config["http_options"], "port": port}}
     path = tmp / f"serve_config.{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     log = (tmp / f"fleet-{name}.log").open("wb")
     process = launcher.start(str(path), stdout=log, stderr=log, cwd=str(REPO), env=env)
-    side = Side(name, f"http://127.0.0.1:{port}", process)
+    base = f"http://127.0.0.1:{port}"
+    routed = Side(name, base, process)
+    direct = Side(f"{name} direct", f"{base}/m/{MODEL}", process)
     try:
-        wait_ready(side.url, process)
-        yield side
+        wait_ready(routed.url, process)
+        wait_ready(direct.url, process)
+        yield routed, direct
     finally:
         launcher.stop(process)
         log.close()
 
 
 def measure(
-    sides: list[Side], tokenizer: Path, args: argparse.Namespace, round_no: int, first_seed: int
+    sides: list[Side],
+    tokenizer: Path,
+    args: argparse.Namespace,
+    round_no: int,
+    first_seed: int,
+    variant: int,
 ) -> None:
     """One round: every level, every side, the side order alternating by round."""
     order = sides if round_no % 2 == 0 else list(reversed(sides))
     for number, level in enumerate(args.concurrency):
+        pair = f"{variant}/{round_no}"
         for side in order:
             started = time.perf_counter()
             with cpu_span([side.process.pid]) as cpu:
@@ -275,7 +294,7 @@ def measure(
                 figures: dict[str, Any] = run_client(side.url, tokenizer, level, seed, args)
             figures["wall_s"] = time.perf_counter() - started
             figures["cpu_s"] = dict(cpu)
-            figures["with"] = sides[-1].name  # the fleet this round compares
+            figures["pair"] = pair  # the bare run of the same round and level has it too
             side.results.setdefault(level, []).append(figures)
             print(
                 f"round {round_no} {side.name:14s} c={level:<3d} "
@@ -320,11 +339,11 @@ def main() -> None:
         wait_ready(bare.url, bare_process)
         for number, (name, settings) in enumerate(variants):
             variant_config, env = apply_variant(config, settings)
-            with fleet_server(variant_config, {**base_env, **env}, tmp, name) as fleet:
+            with fleet_server(variant_config, {**base_env, **env}, tmp, name) as doors:
                 for round_no in range(args.rounds):
                     seed = 1000 * number + 100 * round_no
-                    measure([bare, fleet], model_path, args, round_no, seed)
-                fleets.append(fleet)
+                    measure([bare, *doors], model_path, args, round_no, seed, number)
+                fleets += doors
     finally:
         bare_process.terminate()
         bare_process.wait(timeout=60)

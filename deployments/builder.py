@@ -35,6 +35,8 @@ ENV_DEFAULT_MAX_TOKENS = "LLM_DEFAULT_MAX_TOKENS"
 ENV_MAX_TOKENS_LIMIT = "LLM_MAX_TOKENS_LIMIT"
 ENV_CORS_ALLOWED_ORIGINS = "CORS_ALLOWED_ORIGINS"
 ENV_KEYS_FILE = "LLM_FLEET_KEYS_FILE"
+# The one key a direct app's args add to the fleet's (router.builder.build_direct_app).
+DIRECT_MODEL_ARG = "direct_model"
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -158,11 +160,45 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
     return options
 
 
+def direct_app_name(fleet_app: str, model_id: str) -> str:
+    """The Serve application that holds a ``direct: true`` model's replicas."""
+    return f"{fleet_app}.{model_id}"
+
+
+def direct_model_config(
+    args: Mapping[str, Any], environ: Mapping[str, str]
+) -> tuple[FleetConfig, str]:
+    """The fleet config and the model id of a direct app's ``args``: the fleet's own
+    ``args`` plus ``direct_model: <id>`` (a YAML merge of the fleet's args, see
+    ``serve_config.local.yaml``). The model must be configured with ``direct: true``;
+    one that ``LLM_ALLOWED_MODELS`` leaves out is returned too (its app serves no model)."""
+    rest = dict(args)
+    model_id = rest.pop(DIRECT_MODEL_ARG, None)
+    if not isinstance(model_id, str) or not model_id:
+        raise ConfigError(f"args.{DIRECT_MODEL_ARG}: the id of the model this app serves")
+    config = load_config(rest, environ)
+    model = config.model(model_id)
+    if model is None:
+        if FleetConfig.model_validate(dict(rest)).model(model_id) is not None:
+            return config, model_id  # left out by LLM_ALLOWED_MODELS: the app serves nothing
+        raise ConfigError(
+            f"args.{DIRECT_MODEL_ARG}: {model_id!r} is not a configured model "
+            f"(configured: {', '.join(m.id for m in config.models) or 'none'})"
+        )
+    if not model.direct:
+        raise ConfigError(
+            f"args.{DIRECT_MODEL_ARG}: model {model_id!r} needs 'direct: true' in the fleet's "
+            "args, or the router would start a second engine for it"
+        )
+    return config, model_id
+
+
 def build_model_apps(
     config: FleetConfig, engine_factory: EngineFactory | None = None
 ) -> dict[str, Application]:
     """One bound deployment per allowed model, keyed by model id (vLLM engines unless
-    ``engine_factory`` says otherwise)."""
+    ``engine_factory`` says otherwise). ``direct: true`` models are left out: their
+    replicas belong to their own app (``router.builder.build_direct_app``)."""
     from ray import serve
 
     from deployments.model_deployment import ModelDeployment
@@ -175,4 +211,5 @@ def build_model_apps(
             coalesce_frames=config.streaming.coalesce_frames,
         )
         for model in config.models
+        if not model.direct
     }

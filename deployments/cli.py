@@ -2,7 +2,7 @@
 
 ::
 
-    llm-fleet validate FILE [FILE...]   check every router.builder:build_app app's args
+    llm-fleet validate FILE [FILE...]   check every llm-fleet app's args (and direct apps)
     llm-fleet models prepare [ID...]    convert embedded models (all by default)
     llm-fleet models list               embedded ids, whether each is prepared, the store
     llm-fleet weights push|pull|verify  stage weights in S3, pre-warm or check the cache
@@ -10,6 +10,9 @@
     llm-fleet serve FILE                validate FILE, then ``serve run FILE`` until Ctrl-C
 
 ``validate`` applies the same env overrides as a deployment (``LLM_ALLOWED_MODELS``...).
+It also checks the direct path's wiring: each ``direct: true`` model has an app with
+``import_path: router.builder:build_direct_app``, named ``<fleet app>.<model id>``, whose
+``direct_model`` is that model (README, Direct path).
 
 Exit codes: 0 ok; 1 invalid config, no llm-fleet application in a file, or a model
 that failed to prepare; 2 usage error, or a file that cannot be read or parsed as YAML.
@@ -29,11 +32,17 @@ from typing import Any
 import yaml
 
 from deployments import embedded, keys
-from deployments.builder import ENV_KEYS_FILE, load_config
+from deployments.builder import (
+    ENV_KEYS_FILE,
+    direct_app_name,
+    direct_model_config,
+    load_config,
+)
 from deployments.errors import ConfigError, ModelPreparationError
 from deployments.weights.commands import add_parser as add_weights_commands
 
 APP_IMPORT_PATH = "router.builder:build_app"
+DIRECT_IMPORT_PATH = "router.builder:build_direct_app"
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 Handler = Callable[[argparse.Namespace], int]
 
@@ -48,19 +57,65 @@ def _with_prefix(where: str, line: str) -> str:
     return f"{where}.{line}" if line.startswith("args") else f"{where}: {line}"
 
 
-def _validate_app(where: str, app: Mapping[str, object]) -> int:
+def _app_args(where: str, app: Mapping[str, object]) -> Mapping[str, Any] | None:
     args = app.get("args") or {}
     if not isinstance(args, Mapping):
         _error(f"{where}.args: must be a mapping, got {type(args).__name__}")
+        return None
+    return args
+
+
+def _config_errors(where: str, exc: ConfigError) -> int:
+    for line in str(exc).splitlines():
+        _error(_with_prefix(where, line))
+    return EXIT_INVALID
+
+
+def _validate_app(where: str, app: Mapping[str, object], direct_apps: set[str]) -> int:
+    args = _app_args(where, app)
+    if args is None:
         return EXIT_INVALID
     try:
         config = load_config(args, os.environ)
     except ConfigError as exc:
-        for line in str(exc).splitlines():
-            _error(_with_prefix(where, line))
+        return _config_errors(where, exc)
+    name = str(app.get("name", "default"))
+    missing = [
+        direct_app_name(name, m.id)
+        for m in config.models
+        if m.direct and direct_app_name(name, m.id) not in direct_apps
+    ]
+    if missing:
+        for app_name in missing:
+            _error(
+                f"{where}: a direct: true model needs an application named {app_name!r} "
+                f"with import_path {DIRECT_IMPORT_PATH}"
+            )
         return EXIT_INVALID
     models = ", ".join(f"{m.id} ({m.source})" for m in config.models)
-    print(f"{where} ({app.get('name', 'unnamed')}): ok, {len(config.models)} model(s): {models}")
+    print(f"{where} ({name}): ok, {len(config.models)} model(s): {models}")
+    return EXIT_OK
+
+
+def _validate_direct_app(where: str, app: Mapping[str, object], fleet_names: set[str]) -> int:
+    args = _app_args(where, app)
+    if args is None:
+        return EXIT_INVALID
+    try:
+        config, model_id = direct_model_config(args, os.environ)
+    except ConfigError as exc:
+        return _config_errors(where, exc)
+    name = str(app.get("name", "default"))
+    if name not in {direct_app_name(fleet, model_id) for fleet in fleet_names}:
+        expected = " or ".join(repr(direct_app_name(f, model_id)) for f in sorted(fleet_names))
+        _error(f"{where}: the direct app of {model_id!r} must be named {expected}")
+        return EXIT_INVALID
+    what = (
+        f"direct path of {model_id}"
+        if config.model(model_id) is not None
+        else f"{model_id} is left out by LLM_ALLOWED_MODELS: this app serves no model"
+    )
+    print(f"{where} ({name}): ok, {what}")
     return EXIT_OK
 
 
@@ -74,15 +129,22 @@ def _validate_file(name: str) -> int:
         _error(f"{name}: not valid YAML: {exc}")
         return EXIT_USAGE
     apps = document.get("applications") if isinstance(document, Mapping) else None
-    found = [
+    listed = [
         (index, app)
         for index, app in enumerate(apps if isinstance(apps, list) else [])
-        if isinstance(app, Mapping) and app.get("import_path") == APP_IMPORT_PATH
+        if isinstance(app, Mapping)
     ]
+    found = [(i, app) for i, app in listed if app.get("import_path") == APP_IMPORT_PATH]
+    direct = [(i, app) for i, app in listed if app.get("import_path") == DIRECT_IMPORT_PATH]
     if not found:
         _error(f"{name}: no application with import_path {APP_IMPORT_PATH}")
         return EXIT_INVALID
-    return max(_validate_app(f"{name}: applications[{i}]", app) for i, app in found)
+    fleet_names = {str(app.get("name", "default")) for _, app in found}
+    direct_names = {str(app.get("name", "default")) for _, app in direct}
+    codes = [_validate_app(f"{name}: applications[{i}]", app, direct_names) for i, app in found] + [
+        _validate_direct_app(f"{name}: applications[{i}]", app, fleet_names) for i, app in direct
+    ]
+    return max(codes)
 
 
 def _validate(options: argparse.Namespace) -> int:

@@ -213,6 +213,14 @@ class ModelConfig(StrictModel):
         description="Extra environment for this model's replicas (not for secrets), "
         "e.g. VLLM_CPU_OMP_THREADS_BIND.",
     )
+    direct: bool = Field(
+        False,
+        description="Also serve this model at its own URL, /m/<id>/v1, from the model "
+        "replica itself (API keys and limits included), skipping the router hop. The "
+        "engine then lives in a second Serve application, '<fleet app>.<id>' with "
+        "import_path router.builder:build_direct_app, which the config file must list; "
+        "the router reaches the same replicas (README, Direct path).",
+    )
 
     @field_validator("source")
     @classmethod

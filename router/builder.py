@@ -2,6 +2,9 @@
 
 It reads the config once (``deployments.builder.load_config``: schema, allowlist and
 env overrides), binds one deployment per allowed model and puts the router in front.
+``build_app``'s twin for a ``direct: true`` model is ``build_direct_app``
+(``import_path: router.builder:build_direct_app``): that model's replicas as the ingress
+of an app of their own (``router/direct.py``).
 """
 
 from __future__ import annotations
@@ -13,11 +16,17 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.builder import build_model_apps, load_config
+from deployments.builder import (
+    build_model_apps,
+    deployment_options,
+    direct_model_config,
+    load_config,
+)
 from deployments.config import FleetConfig
 from deployments.model_deployment import EngineFactory
 
 ROUTER_DEPLOYMENT = "router"
+LEFT_OUT_DEPLOYMENT = "left-out"  # a direct app whose model LLM_ALLOWED_MODELS left out
 
 
 def router_options(config: FleetConfig) -> dict[str, Any]:
@@ -43,3 +52,27 @@ def build_fleet(config: FleetConfig, engine_factory: EngineFactory | None = None
     models = build_model_apps(config, engine_factory)
     deployment = serve.deployment(**router_options(config))(RouterIngress)
     return deployment.bind(config, models)
+
+
+def build_direct_app(args: Mapping[str, Any]) -> Application:
+    """A ``direct: true`` model's own app from the fleet's ``args`` plus ``direct_model``.
+
+    The app must be named ``<fleet app>.<model id>`` (``deployments.builder.direct_app_name``):
+    the fleet's router finds the model's replicas there, and the replicas count API-key
+    limits in the fleet app's limits actor.
+    """
+    config, model_id = direct_model_config(args, os.environ)
+    return build_direct(config, model_id)
+
+
+def build_direct(
+    config: FleetConfig, model_id: str, engine_factory: EngineFactory | None = None
+) -> Application:
+    from router.direct import DirectModelIngress, LeftOutIngress
+
+    model = config.model(model_id)
+    if model is None:  # LLM_ALLOWED_MODELS left it out: every model is a 404 here
+        left_out = serve.deployment(name=LEFT_OUT_DEPLOYMENT, ray_actor_options={"num_cpus": 0})
+        return left_out(LeftOutIngress).bind(config)
+    deployment = serve.deployment(**deployment_options(model))(DirectModelIngress)
+    return deployment.bind(config, model_id, engine_factory)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from ray import serve
 
+from deployments.builder import direct_app_name
 from deployments.config import FleetConfig
 from deployments.serve_logging import log_through_serve
 from router.app import create_app
@@ -39,14 +40,26 @@ class RouterIngress:
         self._keys = load_keyring(config)  # first: a bad keys file fails before anything starts
         replica = serve.get_replica_context()
         me = replica.replica_id.to_full_id_str()  # this replica's actor name
+        app_name = replica.app_name
+        # A direct: true model's replicas are the ingress of their own app (router/direct.py).
+        apps = {
+            m.id: direct_app_name(app_name, m.id) if m.direct else app_name for m in config.models
+        }
+        models = {
+            **models,
+            **{
+                m.id: serve.get_deployment_handle(m.id, app_name=apps[m.id])
+                for m in config.models
+                if m.direct
+            },
+        }
         transport = config.streaming.handle_transport
         clients = {
             model_id: HandleModelClient(model_id, h, me, transport=transport)
             for model_id, h in models.items()
         }
         metrics = RayRouterMetrics()
-        app_name = replica.app_name
-        self._board = ServeStatusBoard(app_name, config, models, on_update=metrics.models_updated)
+        self._board = ServeStatusBoard(apps, config, models, on_update=metrics.models_updated)
         await self._board.start()
         if self._keys is not None:
             await self._keys.start()

@@ -33,12 +33,12 @@ WAKE_TIMEOUT_S = 900.0
 class ServeStatusBoard:
     def __init__(
         self,
-        app_name: str,
+        apps: Mapping[str, str],
         config: FleetConfig,
         handles: Mapping[str, DeploymentHandle[Any]],
         on_update: Callable[[dict[str, ModelStatus]], None] | None = None,
     ):
-        self._app = app_name
+        self._apps = dict(apps)  # model id -> the Serve app holding its deployment
         self._models = {m.id: m for m in config.models if m.id in handles}
         self._handles = dict(handles)
         self._interval = config.router.status_poll_interval_s
@@ -111,12 +111,13 @@ class ServeStatusBoard:
     def _read(self) -> dict[str, ModelStatus]:
         from ray import serve
 
-        app = serve.status().applications.get(self._app)
-        deployments = app.deployments if app is not None else {}
+        applications = serve.status().applications
         now = time.time()
         statuses = {}
         for model_id, model in self._models.items():
-            overview = deployments.get(model_id)
+            app_name = self._apps[model_id]
+            app = applications.get(app_name)
+            overview = app.deployments.get(model_id) if app is not None else None
             view = None
             if overview is not None:
                 view = DeploymentView(
@@ -124,12 +125,12 @@ class ServeStatusBoard:
                     message=overview.message,
                     replica_states={_name(k): v for k, v in overview.replica_states.items()},
                 )
-            phases = read_phases(self._app, model_id)
-            self._prune(model_id, phases, now)
+            phases = read_phases(app_name, model_id)
+            self._prune(app_name, model_id, phases, now)
             statuses[model_id] = derive_status(model, view, phases, now)
         return statuses
 
-    def _prune(self, model_id: str, phases: Mapping[str, Any], now: float) -> None:
+    def _prune(self, app_name: str, model_id: str, phases: Mapping[str, Any], now: float) -> None:
         """Drop entries of replicas long gone; keep the newest failure for its reason."""
         failures = sorted(
             (item for item in phases.items() if item[1].phase == "failed"),
@@ -139,7 +140,7 @@ class ServeStatusBoard:
         old = [rid for rid, _ in failures[:-1]]
         for replica in stale + old:
             if now - phases[replica].updated > 4 * STALE_AFTER_S or replica in old:
-                delete_phase(self._app, model_id, replica)
+                delete_phase(app_name, model_id, replica)
 
 
 def _name(value: Any) -> str:

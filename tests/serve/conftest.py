@@ -32,6 +32,10 @@ from tests.weights.s3server import S3Server, start_s3_server
 REPO = Path(__file__).resolve().parents[2]
 APP = "fleet"
 CHAT_MODEL = "smollm2-135m-instruct"
+# serve_config.local.yaml serves SmolLM2 on the direct path too: its replicas are the
+# ingress of their own app, which the router reaches (router/direct.py).
+CHAT_MODEL_APP = f"{APP}.{CHAT_MODEL}"
+DIRECT_PREFIX = f"/m/{CHAT_MODEL}"
 COMPLETION_MODEL = "gemma-3-270m"
 S3_MODEL = "smollm2-s3"
 HF_MODEL = "smollm2-hf"
@@ -139,11 +143,15 @@ def _extra_models(commit: str) -> list[dict[str, Any]]:
 def _test_config(tmp: Path, port: int, commit: str) -> Path:
     config: dict[str, Any] = yaml.safe_load((REPO / "serve_config.local.yaml").read_text())
     config["http_options"]["port"] = port
-    app = config["applications"][0]
-    app["deployments"] = [SCALING_OVERRIDE]
+    app, direct = config["applications"]
+    assert direct["name"] == CHAT_MODEL_APP and direct["route_prefix"] == DIRECT_PREFIX
+    direct["deployments"] = [SCALING_OVERRIDE]
+    # The direct app's args are a YAML merge of the fleet's: the same models list.
+    assert direct["args"]["models"] is app["args"]["models"]
     app["args"]["models"] += _extra_models(commit)
     # Structured logs, the way an operator turns them on: one JSON object per line.
-    app["logging_config"] = {"encoding": "JSON"}
+    for each in (app, direct):
+        each["logging_config"] = {"encoding": "JSON"}
     path = tmp / "serve_config.test.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -257,7 +265,12 @@ def ray_driver(fleet: Fleet) -> Iterator[None]:
     yield
 
 
+def app_of(model_id: str) -> str:
+    """The Serve app holding a model's deployment (a direct model has its own)."""
+    return CHAT_MODEL_APP if model_id == CHAT_MODEL else APP
+
+
 def deployment_handle(name: str) -> Any:
     from ray import serve
 
-    return serve.get_deployment_handle(name, app_name=APP)
+    return serve.get_deployment_handle(name, app_name=app_of(name))

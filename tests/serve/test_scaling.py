@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.serve.conftest import APP, CHAT_MODEL, Fleet
+from tests.serve.conftest import CHAT_MODEL, CHAT_MODEL_APP, Fleet
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -27,7 +27,7 @@ DOWN_TIMEOUT_S = 240
 def _replica_states() -> Counter[str]:
     from ray import serve
 
-    status = serve.status().applications[APP].deployments[CHAT_MODEL]
+    status = serve.status().applications[CHAT_MODEL_APP].deployments[CHAT_MODEL]
     return Counter({str(state): count for state, count in status.replica_states.items()})
 
 

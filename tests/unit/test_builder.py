@@ -7,7 +7,12 @@ from typing import Any
 
 import pytest
 
-from deployments.builder import deployment_options, load_config
+from deployments.builder import (
+    deployment_options,
+    direct_app_name,
+    direct_model_config,
+    load_config,
+)
 from deployments.config import ModelConfig
 from deployments.errors import ConfigError
 from router.builder import router_options
@@ -191,3 +196,53 @@ def test_router_defaults_scale_wide() -> None:
     options = router_options(load_config(ARGS, {}))
     assert options["autoscaling_config"]["max_replicas"] == 4
     assert options["autoscaling_config"]["target_ongoing_requests"] == 200
+
+
+DIRECT_ARGS: dict[str, Any] = {"models": [model("alpha", direct=True), model("beta")]}
+
+
+def test_direct_models_get_no_deployment_in_the_fleet_app() -> None:
+    from deployments.builder import build_model_apps
+
+    apps = build_model_apps(load_config(DIRECT_ARGS, {}))
+    assert list(apps) == ["beta"]  # alpha's replicas are its direct app's ingress
+
+
+def test_direct_app_args_are_the_fleet_args_plus_the_model() -> None:
+    config, model_id = direct_model_config({**DIRECT_ARGS, "direct_model": "alpha"}, {})
+    assert model_id == "alpha" and [m.id for m in config.models] == ["alpha", "beta"]
+    assert direct_app_name("fleet", "alpha") == "fleet.alpha"
+
+
+@pytest.mark.parametrize(
+    ("extra", "environ", "expected"),
+    [
+        ({}, {}, "args.direct_model: the id of the model this app serves"),
+        ({"direct_model": "beta"}, {}, "model 'beta' needs 'direct: true'"),
+        ({"direct_model": "zeta"}, {}, "'zeta' is not a configured model"),
+        ({"direct_model": "alpha"}, {"LLM_ALLOWED_MODELS": "nope"}, "LLM_ALLOWED_MODELS"),
+    ],
+)
+def test_direct_app_args_errors(
+    extra: dict[str, Any], environ: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        direct_model_config({**DIRECT_ARGS, **extra}, environ)
+    assert expected in str(info.value)
+
+
+def test_direct_model_left_out_by_the_allowlist_serves_nothing() -> None:
+    config, model_id = direct_model_config(
+        {**DIRECT_ARGS, "direct_model": "alpha"}, {"LLM_ALLOWED_MODELS": "beta"}
+    )
+    assert model_id == "alpha" and config.model("alpha") is None
+
+
+def test_fleet_app_of_a_direct_app() -> None:
+    from router.direct import fleet_app_of
+
+    assert fleet_app_of("fleet.alpha", "alpha") == "fleet"
+    assert fleet_app_of("prod.eu.llama-3.1-8b", "llama-3.1-8b") == "prod.eu"
+    for wrong in ("alpha", "fleet-alpha", ".alpha"):
+        with pytest.raises(ConfigError, match=r"name it '<fleet app>\.alpha'"):
+            fleet_app_of(wrong, "alpha")

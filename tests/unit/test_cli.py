@@ -43,10 +43,14 @@ def fleet_app(*models: dict[str, Any]) -> dict[str, Any]:
 def test_validate_ok_prints_one_line_per_app(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", LOCAL_CONFIG]) == 0
     out, err = capsys.readouterr()
-    (line,) = out.splitlines()
+    line, direct = out.splitlines()
     assert line.startswith(f"{LOCAL_CONFIG}: applications[0] (fleet): ok, 2 model(s)")
     assert "smollm2-135m-instruct (embedded://smollm2-135m-instruct)" in line
     assert "gemma-3-270m (embedded://gemma-3-270m)" in line
+    assert direct == (
+        f"{LOCAL_CONFIG}: applications[1] (fleet.smollm2-135m-instruct): ok, "
+        "direct path of smollm2-135m-instruct"
+    )
     assert err == ""
 
 
@@ -56,8 +60,12 @@ def test_validate_applies_the_allowlist(
     monkeypatch.setenv("LLM_ALLOWED_MODELS", "gemma-3-270m")
     assert main(["validate", LOCAL_CONFIG]) == 0
     out = capsys.readouterr().out
-    assert "ok, 1 model(s): gemma-3-270m (embedded://gemma-3-270m)" in out
-    assert "smollm2" not in out
+    fleet, direct = out.splitlines()
+    assert fleet.endswith("ok, 1 model(s): gemma-3-270m (embedded://gemma-3-270m)")
+    # SmolLM2's direct app stays in the file and serves no model.
+    assert direct.endswith(
+        "ok, smollm2-135m-instruct is left out by LLM_ALLOWED_MODELS: this app serves no model"
+    )
 
 
 def test_validate_names_the_failing_field(
@@ -103,6 +111,57 @@ def test_validate_unknown_allowlist_id(
     assert err.startswith(f"{LOCAL_CONFIG}: applications[0]: LLM_ALLOWED_MODELS")
     assert "llama-70b" in err
     assert "configured: gemma-3-270m, smollm2-135m-instruct" in err
+
+
+def direct_app(name: str, fleet_args: dict[str, Any], model_id: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "route_prefix": f"/m/{model_id}",
+        "import_path": "router.builder:build_direct_app",
+        "args": {**fleet_args, "direct_model": model_id},
+    }
+
+
+@pytest.mark.parametrize(
+    ("apps", "message"),
+    [
+        # a direct: true model whose app is missing
+        (
+            lambda f: [f],
+            "applications[0]: a direct: true model needs an application named 'fleet.a'",
+        ),
+        # the direct app misnamed: the router would not find the replicas
+        (
+            lambda f: [f, direct_app("a-direct", f["args"], "a")],
+            "applications[1]: the direct app of 'a' must be named 'fleet.a'",
+        ),
+        # direct_model names a model without direct: true (a second engine)
+        (
+            lambda f: [
+                f,
+                direct_app("fleet.a", f["args"], "a"),
+                direct_app("fleet.b", f["args"], "b"),
+            ],
+            "applications[2].args.direct_model: model 'b' needs 'direct: true'",
+        ),
+        (
+            lambda f: [
+                f,
+                direct_app("fleet.a", f["args"], "a"),
+                direct_app("fleet.z", f["args"], "z"),
+            ],
+            "applications[2].args.direct_model: 'z' is not a configured model",
+        ),
+    ],
+)
+def test_validate_checks_the_direct_wiring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], apps: Any, message: str
+) -> None:
+    fleet = fleet_app({"id": "a", "source": "/m/a", "direct": True}, {"id": "b", "source": "/m/b"})
+    path = write_config(tmp_path, apps(fleet))
+    assert main(["validate", path]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: {message}" in err, err
 
 
 def test_validate_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
