@@ -35,6 +35,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.profile import find, sampled, summarize  # noqa: E402
 from bench.serve_bench import RESULTS, apply_variant, free_port, parse_variant  # noqa: E402
 from deployments import launcher  # noqa: E402
 
@@ -151,6 +152,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--variant", default="", metavar="NAME:K=V,...")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the proxy, router and model replicas in round 0 at the top concurrency",
+    )
     args = parser.parse_args()
 
     port = free_port()
@@ -171,13 +177,28 @@ def main() -> None:
         "direct": f"{base}/m/{MODEL}/v1/chat/completions",
     }
     results: dict[str, dict[int, list[dict[str, float]]]] = {side: {} for side in sides}
+    top = max(args.concurrency)
+    # The processes each side's requests pass through (process titles).
+    model_replica = f"ServeReplica:fleet.{MODEL}:{MODEL}"
+    traced = {
+        "fleet": ("ProxyActor", "ServeReplica:fleet:router", model_replica),
+        "direct": ("ProxyActor", model_replica),
+    }
+    profiles = RESULTS / time.strftime("profile-%Y%m%d-%H%M%S")
     try:
         wait_ready(base, process)
         for round_no in range(args.rounds):
             order = list(sides) if round_no % 2 == 0 else list(reversed(sides))
             for level in args.concurrency:
                 for side in order:
-                    figures = asyncio.run(load(sides[side], level, args.seconds, args.tokens))
+                    if args.profile and round_no == 0 and level == top and side in traced:
+                        where = profiles / side
+                        with sampled(find(*traced[side]), args.seconds - 2, where):
+                            figures = asyncio.run(
+                                load(sides[side], level, args.seconds, args.tokens)
+                            )
+                    else:
+                        figures = asyncio.run(load(sides[side], level, args.seconds, args.tokens))
                     results[side].setdefault(level, []).append(figures)
                     print(f"round {round_no} {side:6s} c={level:<3d} {figures}", file=sys.stderr)
     finally:
@@ -201,6 +222,11 @@ def main() -> None:
         for side in ("fleet", "direct"):
             ratio = medians[side]["requests_per_s"] / medians["echo"]["requests_per_s"]
             print(f"{side + '/echo':12s} {level:4d} {ratio:10.3f}")
+    if args.profile:
+        for side in ("fleet", "direct"):
+            print(f"profile of {side} at c={top} (busy samples by innermost stack part):")
+            summarize(profiles / side)
+        print(f"  collapsed stacks: {profiles}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / time.strftime("ceiling-%Y%m%d-%H%M%S.json")
     out.write_text(json.dumps({"args": vars(args), "variant": settings, "results": results}))

@@ -2,16 +2,18 @@
 
 Starts bare vLLM's OpenAI server (``vllm.entrypoints.openai.api_server``) and then
 llm-fleet (``serve run`` of ``serve_config.local.yaml`` narrowed to one model) on the
-same converted model, the same engine arguments and the same machine. Then, for each
-round and each concurrency level, it runs vLLM's benchmark client
+same converted model, the same engine arguments and the same machine. The fleet is
+measured through both its doors, as two sides over the same engine: the router
+(``/v1``) and the model's direct path (``/m/<id>/v1``, ``router/direct.py``). Then, for
+each round and each concurrency level, it runs vLLM's benchmark client
 (``vllm.benchmarks.serve``, what ``vllm bench serve`` runs; its CLI entry point fails
-on the CPU build, so it is called from Python) against one side and then the other,
-the order alternating by round, so drift on a shared machine hits both alike. Both
-servers stay up for the whole run; the idle one costs next to nothing.
+on the CPU build, so it is called from Python) against each side in turn, the order
+reversed every other round, so drift on a shared machine hits all alike. The servers
+stay up for the whole run; an idle one costs next to nothing.
 
 The dataset is vLLM's ``random`` one with a fixed seed: every level sends the same
-prompts to both sides, streaming chat completions with ``ignore_eos``. The table shows
-the median over rounds of each figure and the ratio fleet / bare. The raw results of
+prompts to every side, streaming chat completions with ``ignore_eos``. The table shows
+the median over rounds of each figure and the ratio fleet / bare for each door. The raw results of
 every run go to ``.bench-results/`` (outside git) as one JSON file.
 
 ``--variant NAME:K=V,K=V`` benchmarks more fleets in the same run, one after the other,

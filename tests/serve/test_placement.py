@@ -11,10 +11,10 @@ import httpx
 import psutil
 import pytest
 
-from tests.serve.conftest import CHAT_MODEL, COMPLETION_MODEL, Fleet
+from tests.serve.conftest import CHAT_MODEL, COMPLETION_MODEL, Fleet, app_of
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
-REPLICA_TITLE = "ray::ServeReplica:fleet:"
+REPLICA_TITLE = "ray::ServeReplica:"
 
 
 def _engine_workers(fleet: Fleet) -> dict[str, Counter[tuple[int, ...]]]:
@@ -27,10 +27,13 @@ def _engine_workers(fleet: Fleet) -> dict[str, Counter[tuple[int, ...]]]:
             affinity = tuple(sorted(proc.cpu_affinity()))
             for parent in proc.parents():
                 title = " ".join(parent.cmdline())
-                if title.startswith(REPLICA_TITLE):
-                    model = title.removeprefix(REPLICA_TITLE).split()[0].split(".")[0]
+                if not title.startswith(REPLICA_TITLE):
+                    continue
+                # ray::ServeReplica:<app>:<deployment>; SmolLM2's app is its direct app.
+                app, _, model = title.removeprefix(REPLICA_TITLE).split()[0].partition(":")
+                if app == app_of(model):
                     found.setdefault(model, Counter())[affinity] += 1
-                    break
+                break
     return found
 
 
