@@ -35,8 +35,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.profile import find, sampled, summarize  # noqa: E402
 from bench.serve_bench import RESULTS, apply_variant, free_port, parse_variant  # noqa: E402
+from bench.stack_sampling import find, sampled, summarize  # noqa: E402
 from deployments import launcher  # noqa: E402
 
 MODEL = "fake"

@@ -38,6 +38,7 @@ from deployments.model_deployment import EngineFactory, ModelDeployment
 from deployments.serve_logging import log_through_serve
 from router.app import create_app
 from router.auth import load_keyring
+from router.ingress import stop_services
 from router.metrics import RayRouterMetrics
 from router.model_status import ModelStatus
 from router.shared_limits import SharedLimits
@@ -148,12 +149,7 @@ class DirectModelIngress(ModelDeployment):
         return self._app
 
     async def __del__(self) -> None:
-        keys = getattr(self, "_keys", None)
-        if keys is not None:
-            await keys.stop()
-        limits = getattr(self, "_limits", None)
-        if limits is not None:
-            await limits.stop()
+        await stop_services(self, "_keys", "_limits")
         await super().__del__()
 
 

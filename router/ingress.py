@@ -88,12 +88,12 @@ class RouterIngress:
         return self._app
 
     async def __del__(self) -> None:
-        board = getattr(self, "_board", None)
-        if board is not None:
-            await board.stop()
-        keys = getattr(self, "_keys", None)
-        if keys is not None:
-            await keys.stop()
-        limits = getattr(self, "_limits", None)
-        if limits is not None:
-            await limits.stop()
+        await stop_services(self, "_board", "_keys", "_limits")
+
+
+async def stop_services(replica: object, *names: str) -> None:
+    """Stop the background services a replica started (those its __init__ got to)."""
+    for name in names:
+        service = getattr(replica, name, None)
+        if service is not None:
+            await service.stop()
