@@ -11,10 +11,12 @@ on the CPU build, so it is called from Python) against each side in turn, the or
 reversed every other round, so drift on a shared machine hits all alike. The servers
 stay up for the whole run; an idle one costs next to nothing.
 
-The dataset is vLLM's ``random`` one with a fixed seed: every level sends the same
-prompts to every side, streaming chat completions with ``ignore_eos``. The table shows
-the median over rounds of each figure and the ratio fleet / bare for each door. The raw results of
-every run go to ``.bench-results/`` (outside git) as one JSON file.
+The dataset is vLLM's ``random`` one with fixed seeds (prompts of the same lengths):
+bare vLLM and the router get the same prompts at each level, the direct door (the same
+engine as the router's) prompts of its own, so no engine sees a prompt twice; streaming
+chat completions with ``ignore_eos``. The table shows the median over rounds of each
+figure and the ratio fleet / bare for each door. The raw results of every run go to
+``.bench-results/`` (outside git) as one JSON file.
 
 ``--variant NAME:K=V,K=V`` benchmarks more fleets in the same run, one after the other,
 each with those environment variables on top of the default ones (how the Ray Serve
@@ -101,6 +103,9 @@ class Side:
     url: str
     process: subprocess.Popen[bytes]
     results: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    # Added to the dataset seed: a side sharing an engine with another (the fleet's two
+    # doors) must not send it the prompts it just cached.
+    seed_offset: int = 0
 
 
 def model_settings() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -139,9 +144,8 @@ def run_client(
 ) -> dict:
     """One level of ``vllm bench serve`` against ``url``; vLLM's result dict.
 
-    ``seed`` picks the random prompts. Both sides of a comparison get the same seed,
-    and no engine sees a seed twice: vLLM caches prompt prefixes, and a repeated prompt
-    would measure that cache instead of the server.
+    ``seed`` picks the random prompts. No engine sees a seed twice: vLLM caches prompt
+    prefixes, and a repeated prompt would measure that cache instead of the server.
     """
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -267,7 +271,7 @@ def fleet_server(
     process = launcher.start(str(path), stdout=log, stderr=log, cwd=str(REPO), env=env)
     base = f"http://127.0.0.1:{port}"
     routed = Side(name, base, process)
-    direct = Side(f"{name} direct", f"{base}/m/{MODEL}", process)
+    direct = Side(f"{name} direct", f"{base}/m/{MODEL}", process, seed_offset=50)
     try:
         wait_ready(routed.url, process)
         wait_ready(direct.url, process)
@@ -292,7 +296,7 @@ def measure(
         for side in order:
             started = time.perf_counter()
             with cpu_span([side.process.pid]) as cpu:
-                seed = first_seed + number
+                seed = first_seed + number + side.seed_offset
                 figures: dict[str, Any] = run_client(side.url, tokenizer, level, seed, args)
             figures["wall_s"] = time.perf_counter() - started
             figures["cpu_s"] = dict(cpu)
