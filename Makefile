@@ -59,7 +59,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # llm-fleet against bare vLLM with vLLM's own client, then the router's own ceiling
-# (zero-cost engine against a plain Serve echo). About 40 minutes here; results in
+# (zero-cost engine against a plain Serve echo). About 65 minutes here; results in
 # .bench-results/. Never run by `make test`.
 bench: models
 	$(BIN)/python bench/serve_bench.py
