@@ -2,8 +2,8 @@
 
 ``serve_config.local.yaml`` gives SmolLM2 ``direct: true``: its replicas are the
 ingress of the app ``fleet.smollm2-135m-instruct`` and the router reaches the same
-replicas over a handle (``router/direct.py``). Keys and limits on this path are tested
-in ``test_keys.py``.
+replicas over a handle (``router/direct.py``). The shared fleet has no API keys; keys
+and limits on this door run the router's own ``create_app`` (unit-tested route by route).
 """
 
 from __future__ import annotations
