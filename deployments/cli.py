@@ -80,17 +80,13 @@ def _validate_app(where: str, app: Mapping[str, object], direct_apps: set[str]) 
     except ConfigError as exc:
         return _config_errors(where, exc)
     name = str(app.get("name", "default"))
-    missing = [
-        direct_app_name(name, m.id)
-        for m in config.models
-        if m.direct and direct_app_name(name, m.id) not in direct_apps
-    ]
-    if missing:
-        for app_name in missing:
-            _error(
-                f"{where}: a direct: true model needs an application named {app_name!r} "
-                f"with import_path {DIRECT_IMPORT_PATH}"
-            )
+    wanted = {direct_app_name(name, m.id) for m in config.models if m.direct}
+    for app_name in sorted(wanted - direct_apps):
+        _error(
+            f"{where}: a direct: true model needs an application named {app_name!r} "
+            f"with import_path {DIRECT_IMPORT_PATH}"
+        )
+    if not wanted <= direct_apps:
         return EXIT_INVALID
     models = ", ".join(f"{m.id} ({m.source})" for m in config.models)
     print(f"{where} ({name}): ok, {len(config.models)} model(s): {models}")
