@@ -15,8 +15,10 @@ is one JSON object whose keys include these fields.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,39 @@ from deployments.engine import Route
 from deployments.errors import APIError
 
 access_logger = logging.getLogger("llm_fleet.access")
+logger = logging.getLogger("llm_fleet.router")
 UNKNOWN_MODEL = "unknown"
+# Closing work that outlived the request task that started it (see ``uninterrupted``).
+_closing: set[asyncio.Future[None]] = set()
+
+
+def _closed(task: asyncio.Future[None]) -> None:
+    _closing.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.error("closing out a request failed", exc_info=exc)
+
+
+async def uninterrupted(work: Awaitable[None]) -> None:
+    """Run ``work`` (a request's closing out: its stream closed, its record finished, its
+    key's slot and tokens released) to its end, even if the caller is cancelled meanwhile.
+
+    A request can end by cancellation at any await: Ray Serve cancels a request's task
+    when its HTTP client leaves, and Starlette's streaming response runs the relay in an
+    anyio task group whose cancellation hits *every* later await in it, the relay's
+    ``finally`` included. Closing work awaited there directly would be cut at its first
+    await (an actor call releasing the key's slot), leaking the slot, the tokens and the
+    in-flight gauge. Here it runs as its own task: the caller still sees its
+    cancellation, and the work finishes regardless (an error in it is logged).
+    """
+    await asyncio.shield(in_background(work))
+
+
+def in_background(work: Awaitable[None]) -> asyncio.Future[None]:
+    """``work`` as a task that nothing cancels and nothing loses (an error is logged)."""
+    task = asyncio.ensure_future(work)
+    _closing.add(task)
+    task.add_done_callback(_closed)
+    return task
 
 
 @dataclass

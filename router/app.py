@@ -31,7 +31,7 @@ from deployments.errors import (
     RequestTooLargeError,
     api_error_from_status,
 )
-from router.accounting import RequestRecord, log_request
+from router.accounting import RequestRecord, log_request, uninterrupted
 from router.auth import KeyRing, Principal
 from router.errors import error_frame, error_response
 from router.health import add_health_routes, admit
@@ -129,20 +129,33 @@ async def _relay(
     The usage chunk the router asked for is read and dropped unless the client asked
     too. A client that leaves cancels this generator (the engine call is cancelled,
     which aborts the generation) or makes its next send fail (that frame counts as
-    sent after the disconnect).
+    sent after the disconnect). Once ``[DONE]`` is sent the answer is complete: the
+    relay stops there, so a client closing the connection on ``[DONE]`` (as SDKs do)
+    is a 200, not a disconnect. However the relay ends, its closing out (the engine
+    stream closed, the record finished, the key's slot and tokens released) runs to
+    the end, cancellation or not (``uninterrupted``).
     """
 
-    async def frames() -> AsyncIterator[str]:
+    async def frames() -> AsyncGenerator[str, None]:
         yield first
         async for item in stream:
             if isinstance(item, str):
                 yield item
 
+    async def close_out() -> None:
+        try:
+            await stream.aclose()  # type: ignore[attr-defined]
+        finally:
+            await finish(record)
+
     try:
-        async for frame in frames():
-            relayed = tap.chunk(frame, record)
-            if relayed is not None:
-                yield relayed
+        async with contextlib.aclosing(frames()) as items:
+            async for frame in items:
+                relayed = tap.chunk(frame, record)
+                if relayed is not None:
+                    yield relayed
+                    if relayed.endswith(DONE_FRAME):
+                        break
     except APIError as err:
         record.failed(err)
         yield error_frame(err, record.request_id)
@@ -159,8 +172,7 @@ async def _relay(
         yield error_frame(InternalServerError("stream failed"), record.request_id)
         yield DONE_FRAME
     finally:
-        await stream.aclose()  # type: ignore[attr-defined]
-        await finish(record)
+        await uninterrupted(close_out())
 
 
 def create_app(
@@ -209,10 +221,10 @@ def create_app(
         async def finish(record: RequestRecord) -> None:
             if record.finished_at is not None:
                 return
-            record.finish()
+            record.finish()  # first, and with no await before: finished exactly once
             recorder.request_finished(record)
             log_request(record)
-            await hold.release(record.tokens_used)
+            await uninterrupted(hold.release(record.tokens_used))
 
         return finish
 
@@ -316,44 +328,59 @@ def create_app(
             return JSONResponse(first.body, status_code=first.status, headers=headers), False
         relay = _relay(first, stream, record, UsageTap(drop_usage), finish)
 
-        async def settle() -> None:
-            await relay.aclose()  # a relay suspended mid-stream finishes the record itself
-            if record.finished_at is None:  # it never started
-                await stream.aclose()  # type: ignore[attr-defined]
+        async def never_started() -> None:
+            if record.finished_at is None:
                 record.disconnected, record.status = True, 499
-                await finish(record)
+                try:
+                    await stream.aclose()  # type: ignore[attr-defined]
+                finally:
+                    await finish(record)
+
+        async def settle() -> None:
+            try:
+                await relay.aclose()  # a relay suspended mid-stream finishes the record itself
+            finally:
+                await uninterrupted(never_started())
 
         return _RelayResponse(relay, settle), True
 
     async def serve(route: Route, request: Request) -> Response:
+        """One request, start to end: the one place its record and key hold are closed
+        out, on every way it can end (an answer, an error, the client leaving before the
+        answer or Serve cancelling the task), except a stream handed to its relay, which
+        closes itself out when it ends (``_relay``, ``_RelayResponse``)."""
         record = RequestRecord(request_id=request_id_of(request.scope), endpoint=route)
         hold = QuotaHold(quota, None)
         finish = finisher(hold)
+        handed_to_relay = False
         try:
             hold.principal = caller(request)
             record.key = hold.principal.id if hold.principal is not None else None
-            response, streaming = await dispatch(route, request, record, hold, finish)
+            response, handed_to_relay = await dispatch(route, request, record, hold, finish)
+            if not handed_to_relay:
+                record.status = response.status_code
+            return response
         except ClientDisconnected:
             logger.info("request %s: client disconnected before the answer", record.request_id)
             record.disconnected, record.status = True, 499
-            await finish(record)
             return Response(status_code=499)
         except APIError as err:
             record.failed(err)
-            await finish(record)
             if record.engine_s is not None:
                 response = error_response(err, record.request_id)
                 response.headers["Server-Timing"] = record.server_timing()
                 return response
             raise
+        except asyncio.CancelledError:
+            # Serve cancels the request's task when its client leaves.
+            record.disconnected, record.status = True, 499
+            raise
         except Exception:
             record.status = 500
-            await finish(record)
             raise
-        if not streaming:
-            record.status = response.status_code
-            await finish(record)
-        return response
+        finally:
+            if not handed_to_relay:
+                await uninterrupted(finish(record))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

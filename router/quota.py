@@ -34,15 +34,17 @@ concurrency it is 1 s, as nothing says when a request in flight will end.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from deployments.errors import QuotaExceededError, QuotaLimit
+from router.accounting import in_background
 from router.auth import Principal
 
 WINDOW_S = 60.0
@@ -249,10 +251,22 @@ class QuotaHold:
         """Admit the request, or raise QuotaExceededError (429)."""
         if self.principal is None or self._held:
             return
-        admission = await self.backend.admit(self.principal, est_tokens)
+        principal = self.principal
+        admitting = asyncio.ensure_future(self.backend.admit(principal, est_tokens))
+        try:
+            admission = await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            # The request ended (its client left) while the backend was deciding: an
+            # admission that still comes is given back at once, never left held.
+            in_background(self._give_back(principal, admitting))
+            raise
         if not admission.ok:
             raise quota_error(self.principal, admission)
         self._held = True
+
+    async def _give_back(self, principal: Principal, admitting: Awaitable[Admission]) -> None:
+        if (await admitting).ok:
+            await self.backend.release(principal, 0)
 
     async def release(self, tokens_used: int) -> None:
         if self.principal is None or not self._held:

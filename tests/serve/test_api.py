@@ -72,6 +72,7 @@ def test_chat_streams_chunk_by_chunk_then_usage(client: openai.OpenAI) -> None:
     arrivals: list[float] = []
     texts: list[str] = []
     usage = None
+    started = time.monotonic()
     stream = client.chat.completions.create(
         model=CHAT_MODEL,
         messages=LONG_STORY,
@@ -87,9 +88,15 @@ def test_chat_streams_chunk_by_chunk_then_usage(client: openai.OpenAI) -> None:
         if chunk.usage is not None:
             usage = chunk.usage
     assert len(texts) >= 20, texts
-    # Relayed as generated, not buffered: the chunks arrive spread over time.
+    # Relayed as generated, not buffered: the chunks arrive spread over the generation.
+    # A gateway that buffered the answer would hand every chunk over in one burst at the
+    # end. The client is not held to one chunk per read: on this 2-core box a busy
+    # moment (another engine's replica starting) can leave a few frames waiting in the
+    # socket, which then parse in one read (seen in CI: 8 bursts over the answer).
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert sum(1 for gap in gaps if gap > 0.002) >= len(gaps) // 2, gaps
+    bursts = 1 + sum(1 for gap in gaps if gap > 0.002)
+    assert bursts >= 4, gaps
+    assert arrivals[-1] - arrivals[0] >= 0.3 * (arrivals[-1] - started), (started, arrivals)
     assert usage is not None and usage.completion_tokens == 40
 
 

@@ -1,0 +1,197 @@
+"""Every way a request ends closes it out once: its key's slot and tokens released, the
+in-flight gauge back down, the access line written, the generation stopped.
+
+The app is driven over raw ASGI, and the cancellations are the ones it really meets:
+Ray Serve cancels a request's task when its HTTP client leaves, and Starlette's
+streaming response runs the relay in an anyio task group, whose cancellation hits every
+later await (so the test cancels the task again and again, as anyio does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.types import Message
+
+from deployments.engine import Reply, Route
+from deployments.fake_engine import FakeEngine
+from deployments.keys import create_key
+from router.accounting import RequestRecord
+from router.auth import KeyRing, Principal
+from router.quota import LOCAL_HOLDER, Admission, LocalLimits
+from tests.fakes import (
+    CHAT_MODEL,
+    MAX_MODEL_LEN,
+    FakeModelClient,
+    Fleet,
+    RecordingMetrics,
+    make_fleet,
+    post_scope,
+)
+from tests.unit.ops_helpers import CHAT_PATH, chat
+
+
+class SlowLimits(LocalLimits):
+    """LocalLimits whose calls take a while, as the shared limits actor's do; it keeps
+    what was released."""
+
+    def __init__(self, admit_s: float = 0.0, release_s: float = 0.0) -> None:
+        super().__init__()
+        self.admit_s, self.release_s = admit_s, release_s
+        self.released: list[int] = []
+
+    async def admit(
+        self, principal: Principal, est_tokens: int, holder: str = LOCAL_HOLDER
+    ) -> Admission:
+        await asyncio.sleep(self.admit_s)
+        return await super().admit(principal, est_tokens, holder)
+
+    async def release(
+        self, principal: Principal, tokens_used: int, holder: str = LOCAL_HOLDER
+    ) -> None:
+        await asyncio.sleep(self.release_s)
+        self.released.append(tokens_used)
+        await super().release(principal, tokens_used, holder)
+
+    def in_flight(self) -> int:
+        return sum(key["in_flight"] for key in self.snapshot()["keys"].values())
+
+
+class LingeringClient:
+    """A model client whose stream ends a while after its last frame, as a Serve handle
+    stream's end arrives after vLLM's ``[DONE]``."""
+
+    def __init__(self, inner: FakeModelClient, linger_s: float) -> None:
+        self.inner, self.linger_s = inner, linger_s
+
+    async def stream(
+        self, route: Route, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[str | Reply]:
+        async for item in self.inner.stream(route, body, request_id):
+            yield item
+        await asyncio.sleep(self.linger_s)
+
+
+def keyed(tmp_path: Path, limits: LocalLimits, **fleet: Any) -> tuple[Fleet, dict[str, str]]:
+    path = tmp_path / "keys.yaml"
+    key = create_key(path, "limited", concurrency=1)
+    app = make_fleet(keys=KeyRing.from_file(path), limits=limits, **fleet)
+    return app, {"Authorization": f"Bearer {key}"}
+
+
+async def _cancelled_while_running(
+    fleet: Fleet, body: dict[str, Any], headers: dict[str, str], after_s: float
+) -> list[Message]:
+    """Run one request whose client never leaves, cancel its task after ``after_s`` as
+    Serve does, then keep cancelling it until it ends, as an anyio scope does."""
+    raw = json.dumps(body).encode()
+    sent: list[Message] = []
+    body_read = False
+
+    async def receive() -> Message:
+        nonlocal body_read
+        if not body_read:
+            body_read = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    task = asyncio.create_task(fleet.app(post_scope(CHAT_PATH, headers), receive, send))
+    await asyncio.sleep(after_s)
+    while not task.done():
+        task.cancel()
+        await asyncio.sleep(0.005)
+    return sent
+
+
+async def _settled(limits: SlowLimits, fleet: Fleet, timeout_s: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while limits.in_flight() or await fleet.unfinished():
+        if asyncio.get_running_loop().time() > deadline:
+            return
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("where", "body", "after_s"),
+    [
+        # The key's admission is still in the backend (the actor call).
+        ("admitting", chat("a b c"), 0.05),
+        # Waiting for a whole answer.
+        ("generating", chat("a b c", max_tokens=40, ignore_eos=True), 0.4),
+        # Mid-stream: the relay's own closing out is cancelled too.
+        ("streaming", chat("a b c", max_tokens=40, ignore_eos=True, stream=True), 0.4),
+    ],
+)
+def test_a_request_cancelled_anywhere_frees_its_slot_and_gauge(
+    tmp_path: Path, where: str, body: dict[str, Any], after_s: float
+) -> None:
+    limits = SlowLimits(admit_s=0.2 if where == "admitting" else 0.0, release_s=0.1)
+    metrics = RecordingMetrics()
+    fleet, headers = keyed(tmp_path, limits, metrics=metrics, token_delay_s=0.05)
+
+    async def scenario() -> None:
+        await _cancelled_while_running(fleet, body, headers, after_s)
+        await asyncio.sleep(limits.admit_s + limits.release_s + 0.1)  # closing out, if any
+        await _settled(limits, fleet)
+
+    asyncio.run(scenario())
+    assert limits.in_flight() == 0
+    assert asyncio.run(fleet.unfinished()) == 0  # the generation stopped
+    if where == "admitting":
+        assert limits.released == [0]  # the admission came after the cancel: given back
+        assert metrics.dispatched == []
+    else:
+        assert len(limits.released) == 1
+        assert [r.request_id for r in metrics.finished] == [
+            r.request_id for r in metrics.dispatched
+        ]
+        [record] = metrics.finished
+        assert (record.status, record.disconnected) == (499, True)
+
+
+def test_a_client_closing_on_done_is_a_whole_answer(tmp_path: Path) -> None:
+    """SDKs close the connection once ``[DONE]`` arrives: the relay ends there, so the
+    request is a 200 with its tokens charged, not a 499."""
+    limits, metrics = SlowLimits(), RecordingMetrics()
+    engine = FakeEngine(CHAT_MODEL, max_model_len=MAX_MODEL_LEN)
+    client = LingeringClient(FakeModelClient(engine), linger_s=2.0)
+    fleet, headers = keyed(tmp_path, limits, metrics=metrics, extra_clients={CHAT_MODEL: client})
+    raw = json.dumps(chat("a b c", stream=True)).encode()
+    sent: list[Message] = []
+    done = asyncio.Event()
+    calls = 0
+
+    async def receive() -> Message:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if b"[DONE]" in message.get("body", b""):
+            done.set()
+
+    async def scenario() -> float:
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(fleet.app(post_scope(CHAT_PATH, headers), receive, send), 5)
+        return asyncio.get_running_loop().time() - started
+
+    elapsed = asyncio.run(scenario())
+    assert elapsed < 1.0  # it did not wait for the model stream's lingering end
+    [record] = metrics.finished
+    assert isinstance(record, RequestRecord)
+    assert (record.status, record.disconnected) == (200, False)
+    assert limits.in_flight() == 0
+    assert limits.released == [record.tokens_used] and record.tokens_used > 0
