@@ -104,8 +104,13 @@ class ResourcesConfig(StrictModel):
         return self.num_gpus > 0
 
 
-class TokenLimits(StrictModel):
-    """Per-model output token policy, enforced by the router before the engine sees a request."""
+class RequestLimits(StrictModel):
+    """Per-model limits on what one request may ask of the engine, enforced by the router
+    before the engine sees it: the output token policy, and a cap on every field that
+    multiplies the work (sequences, logprobs, stop strings, messages, tools, a batch of
+    prompts). Over a cap is a 400 naming the field and the limit (code
+    ``request_limit_exceeded``). The defaults admit what OpenAI's API admits, bounded.
+    """
 
     default_max_tokens: int = Field(
         256, ge=1, description="max_tokens applied when the client sends none."
@@ -115,9 +120,22 @@ class TokenLimits(StrictModel):
         ge=1,
         description="Hard cap: a request asking for more max_tokens gets 400 naming this limit.",
     )
+    max_n: int = Field(
+        8, ge=1, description="Most sequences one request may ask for: caps n and best_of."
+    )
+    max_logprobs: int = Field(
+        20, ge=0, description="Cap on top_logprobs (chat) and logprobs (completions)."
+    )
+    max_stop_sequences: int = Field(16, ge=0, description="Most stop strings in one request.")
+    max_stop_length: int = Field(256, ge=1, description="Longest stop string, in characters.")
+    max_messages: int = Field(2048, ge=1, description="Most messages in one chat request.")
+    max_tools: int = Field(128, ge=0, description="Most tools (functions) in one chat request.")
+    max_prompts: int = Field(
+        16, ge=1, description="Most prompts in one completions request (a batch of prompts)."
+    )
 
     @model_validator(mode="after")
-    def _default_within_limit(self) -> TokenLimits:
+    def _default_within_limit(self) -> RequestLimits:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
         return self
@@ -168,7 +186,10 @@ class ModelConfig(StrictModel):
     autoscaling: AutoscalingConfig = Field(
         default_factory=AutoscalingConfig, description="Replica autoscaling for this model."
     )
-    limits: TokenLimits = Field(default_factory=TokenLimits, description="Output token policy.")
+    limits: RequestLimits = Field(
+        default_factory=RequestLimits,
+        description="What one request may ask: output tokens and the fields that multiply work.",
+    )
     max_ongoing_requests: int = Field(
         64, ge=1, description="Requests one replica runs at once (the engine batches them)."
     )
@@ -317,6 +338,11 @@ class RouterConfig(StrictModel):
     )
     max_request_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger gets 413."
+    )
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="Largest total of request header names and values; larger gets 431.",
     )
     status_poll_interval_s: float = Field(
         1.0,

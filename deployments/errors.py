@@ -8,7 +8,10 @@
     └── APIError                     a request failed; carries the HTTP status and the
         │                            OpenAI error fields (type, code, param)
         ├── BadRequestError          400 invalid_request_error
-        │   └── TokenLimitError      400 max_tokens over a limit, or over the context
+        │   ├── TokenLimitError      400 max_tokens over a limit, or over the context
+        │   └── RequestLimitError    400 a field that multiplies work over its cap (n, ...)
+        ├── UnsupportedMediaTypeError 415 a body that is not declared as JSON
+        ├── HeadersTooLargeError     431 request headers over router.max_header_bytes
         ├── AuthenticationError      401 missing, malformed, unknown or revoked API key
         ├── ModelNotFoundError       404 unknown or not-allowed model (for the config or the key)
         ├── QuotaExceededError       429 the key's rpm, tpm or concurrency limit is reached
@@ -75,6 +78,28 @@ class TokenLimitError(BadRequestError):
     """``max_tokens`` above the model's hard limit, or prompt + max_tokens over the context."""
 
     default_code = "max_tokens_exceeded"
+    rejection = "limits"
+
+
+class RequestLimitError(BadRequestError):
+    """A field that multiplies the engine's work (n, best_of, logprobs, stop strings,
+    messages, tools, prompts) is over the model's cap (``limits`` in its config)."""
+
+    default_code = "request_limit_exceeded"
+    rejection = "limits"
+
+
+class UnsupportedMediaTypeError(APIError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+    rejection = "bad_request"
+
+
+class HeadersTooLargeError(APIError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
     rejection = "limits"
 
 

@@ -19,23 +19,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.config import FleetConfig, ModelConfig
 from deployments.engine import Reply, Route
 from deployments.errors import (
     APIError,
     BadRequestError,
+    HeadersTooLargeError,
     InternalServerError,
     ModelNotFoundError,
     RequestTooLargeError,
+    UnsupportedMediaTypeError,
     api_error_from_status,
 )
 from router.accounting import RequestRecord, log_request, uninterrupted
 from router.auth import KeyRing, Principal
 from router.errors import error_frame, error_response
 from router.health import add_health_routes, admit
-from router.limits import apply_token_limits, output_budget
+from router.limits import apply_token_limits, check_request_limits, output_budget
 from router.metrics import NoMetrics, RouterMetrics
 from router.model_client import ModelClient
 from router.model_status import AlwaysReady, ModelStatusSource
@@ -55,7 +57,21 @@ class ClientDisconnected(Exception):
     """The client went away before the first item arrived."""
 
 
+def _is_json(content_type: str | None) -> bool:
+    """A body's declared type is JSON (``application/json``, any ``+json``), or none is
+    declared (clients that send none mean JSON; there is nothing else to mean)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return not media or media == "application/json" or media.endswith("+json")
+
+
 async def _read_json(request: Request, max_bytes: int) -> Any:
+    """The body as JSON. Another declared Content-Type is a 415, before the body is read:
+    a form or text body is not guessed at (``curl -d`` without ``-H 'Content-Type:
+    application/json'`` sends a form)."""
+    if not _is_json(request.headers.get("content-type")):
+        raise UnsupportedMediaTypeError(
+            "The request body must be JSON: send it with 'Content-Type: application/json'."
+        )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise RequestTooLargeError(f"Request body exceeds {max_bytes} bytes.")
@@ -95,6 +111,25 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
         await task
     raise ClientDisconnected
+
+
+class _HeaderLimit:
+    """431 for a request whose header names and values total more than ``max_bytes``,
+    on every route, before anything else reads it (Serve's proxy takes 64 KiB)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) for name, value in scope.get("headers", []))
+            if size > self.max_bytes:
+                err = HeadersTooLargeError(
+                    f"Request headers total {size} bytes, over the limit of {self.max_bytes}."
+                )
+                await error_response(err, request_id_of(scope))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _RelayResponse(StreamingResponse):
@@ -300,6 +335,7 @@ def create_app(
         if model is None:
             raise ModelNotFoundError(parsed.model)
         record.model, record.stream = model.id, bool(parsed.stream)
+        check_request_limits(route, body, model.limits)
         key_cap = hold.principal.limits.max_tokens if hold.principal is not None else None
         body = apply_token_limits(route, body, model.limits, key_cap)
         await hold.take(output_budget(route, body))
@@ -390,6 +426,7 @@ def create_app(
     async def completions(request: Request) -> Response:
         return await serve("completions", request)
 
+    app.add_middleware(_HeaderLimit, max_bytes=config.router.max_header_bytes)
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     if config.router.cors_allowed_origins:
         app.add_middleware(

@@ -1,7 +1,8 @@
 """What the router itself checks of a request before routing it.
 
 Only what routing and limits need: the model name, the stream flags, the token
-fields and the presence of ``messages`` / ``prompt``. Everything else (sampling
+fields, the presence of ``messages`` / ``prompt``, and each message's ``role`` (one of
+OpenAI's: vLLM would pass any other to the chat template). Everything else (sampling
 parameters, tools, response_format, ...) is validated by vLLM inside the replica,
 which answers 400 in the same error shape.
 """
@@ -66,13 +67,30 @@ class CompletionRequest(_OpenAIRequest):
             ) from None
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def _check_roles(messages: list[dict[str, Any]]) -> None:
+    supported = ", ".join(f"'{role}'" for role in ROLES)
+    for index, message in enumerate(messages):
+        role, param = message.get("role"), f"messages[{index}].role"
+        if role in ROLES:
+            continue
+        if "role" not in message:
+            message_text = f"Missing required parameter: '{param}'."
+        else:
+            shown = repr(role) if isinstance(role, str) and len(role) <= 40 else "<invalid>"
+            message_text = f"Invalid value for '{param}': {shown}. Supported: {supported}."
+        raise BadRequestError(message_text, param=param, code="invalid_value")
+
+
 def parse_request(route: Literal["chat", "completions"], body: Any) -> _OpenAIRequest:
     """Validate the routing fields of ``body``; a problem is a 400 naming the field."""
     if not isinstance(body, dict):
         raise BadRequestError("The request body must be a JSON object.")
     model_cls = ChatRequest if route == "chat" else CompletionRequest
     try:
-        return model_cls.model_validate(body)
+        parsed = model_cls.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
@@ -81,3 +99,6 @@ def parse_request(route: Literal["chat", "completions"], body: Any) -> _OpenAIRe
         else:
             message = f"Invalid value for '{param}': {first['msg']}."
         raise BadRequestError(message, param=param, code="invalid_value") from None
+    if isinstance(parsed, ChatRequest):
+        _check_roles(parsed.messages)
+    return parsed

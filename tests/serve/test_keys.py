@@ -9,7 +9,9 @@ replicas with a keys file, in front of two models:
   one 429, which is all rpm needs;
 - ``limited-chat``, SmolLM2 on a real vLLM engine (one more engine start, about a
   minute): tokens per minute count what the engine really generated, and concurrency
-  needs requests that really last.
+  needs requests that really last. It is a ``direct: true`` model: its replicas are
+  the ingress of a third app (``limits.limited-chat`` at ``/m/limited-chat``), which
+  takes the same keys and counts them in the same limits actor (``router/direct.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 APP = "limits"
 MODEL = "limited-model"
 REAL_MODEL = "limited-chat"
+DIRECT_APP = f"{APP}.{REAL_MODEL}"
+DIRECT_PREFIX = f"/m/{REAL_MODEL}"
 RPM = 6
 # With the limits actor the count is exact; the documented tolerance is for the moments
 # a replica cannot reach it and counts alone.
@@ -56,6 +60,7 @@ class LimitsApp:
     tpm_key: str
     conc_key: str
     lease_key: str
+    direct_url: str  # limited-chat's direct path
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +70,7 @@ def limits_app(
     import ray
     from ray import serve
 
-    from router.builder import build_app
+    from router.builder import build_app, build_direct_app
     from router.shared_limits import NAMESPACE, actor_name
 
     keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
@@ -94,6 +99,7 @@ def limits_app(
                 "autoscaling": {"min_replicas": 1, "max_replicas": 1},
                 # A stream whose router was killed runs on: don't wait for it at the end.
                 "graceful_shutdown_timeout_s": 5,
+                "direct": True,
             },
             {
                 "id": MODEL,
@@ -104,13 +110,25 @@ def limits_app(
             },
         ],
     }
+    direct_args = {**args, "direct_model": REAL_MODEL}
+    serve.run(build_direct_app(direct_args), name=DIRECT_APP, route_prefix=DIRECT_PREFIX)
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
     try:
         url = f"{fleet.base_url}/{APP}"
         _wait_ready(url)
-        yield LimitsApp(url, keys_file, key_a, key_b, tpm_key, conc_key, lease_key)
+        yield LimitsApp(
+            url,
+            keys_file,
+            key_a,
+            key_b,
+            tpm_key,
+            conc_key,
+            lease_key,
+            fleet.base_url + DIRECT_PREFIX,
+        )
     finally:
         serve.delete(APP)
+        serve.delete(DIRECT_APP)
         # The limits actor is detached: it outlives the app unless killed.
         ray.kill(ray.get_actor(actor_name(APP), namespace=NAMESPACE))
 
@@ -268,6 +286,46 @@ def test_two_router_replicas_hold_a_keys_concurrency_in_total(limits_app: Limits
     assert all(_tokens_used(client, stream=False) > 0 for _ in range(CONCURRENCY + 1))
 
 
+def test_the_direct_path_takes_the_same_keys_and_limits(limits_app: LimitsApp) -> None:
+    """/m/limited-chat/v1: no key is a 401, a key without the model a 404, and a key's
+    concurrency is one count for both doors."""
+    url = f"{limits_app.direct_url}/v1/chat/completions"
+    body = {"model": REAL_MODEL, "messages": HELLO, "max_tokens": 4}
+    anonymous = httpx.post(url, json=body, timeout=30)
+    assert anonymous.status_code == 401, anonymous.text
+    assert anonymous.json()["error"]["code"] == "invalid_api_key"
+    assert anonymous.headers["x-request-id"]
+    with pytest.raises(openai.NotFoundError):
+        direct_a = openai.OpenAI(base_url=f"{limits_app.direct_url}/v1", api_key=limits_app.key_a)
+        direct_a.chat.completions.create(model=REAL_MODEL, messages=HELLO, max_tokens=4)
+    direct = openai.OpenAI(
+        base_url=f"{limits_app.direct_url}/v1", api_key=limits_app.conc_key, max_retries=0
+    )
+    assert [m.id for m in direct.models.list()] == [REAL_MODEL]
+    assert _tokens_used(direct, stream=True) > 0
+    # Both of the key's slots taken through the router: the direct door refuses a third.
+    routed = _client(limits_app, limits_app.conc_key)
+    streams = [_long_stream(routed, max_tokens=400) for _ in range(CONCURRENCY)]
+    try:
+        for stream in streams:
+            next(iter(stream))  # admitted and generating
+        with pytest.raises(openai.RateLimitError) as refused:
+            _tokens_used(direct, stream=False)
+        assert refused.value.code == "concurrency_limit_exceeded"
+    finally:
+        for stream in streams:
+            stream.close()
+    # The slots come back once the router's streams are closed.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            assert _tokens_used(direct, stream=False) > 0
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the closed streams' slots never came back"
+            time.sleep(0.5)
+
+
 def _until_every_replica_answers(ask: Callable[[], list[int]], wanted: list[int]) -> None:
     """Both router replicas must have reloaded: ask several times, for up to 20 s."""
     deadline = time.monotonic() + 20
@@ -342,7 +400,7 @@ def test_a_dead_router_replicas_slot_and_generation_end(limits_app: LimitsApp) -
     print(f"lease {LEASE_S} s: admitted again {waited:.1f} s after the kill; before: {statuses}")
     assert "429 concurrency_limit_exceeded" in statuses, statuses  # held, then freed
     assert waited <= LEASE_S + LEASE_S / 3 + 10, (waited, statuses)
-    model = serve.get_deployment_handle(REAL_MODEL, app_name=APP)
+    model = serve.get_deployment_handle(REAL_MODEL, app_name=DIRECT_APP)
     while model.num_unfinished_requests.remote().result() > 0:
         assert time.monotonic() - killed < CALLER_CHECK_S + 15, "the orphan stream runs on"
         time.sleep(0.5)
