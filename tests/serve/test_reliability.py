@@ -1,0 +1,164 @@
+"""Overload and replica death on real Ray Serve: every request is answered, in the
+OpenAI shape, and none hangs.
+
+The app is llm-fleet's real stack (Serve proxy, router replica, model replica) over the
+fake engine (``tests/serve/fake_apps.py``): its tokens take 50 ms, so requests last, and
+its start takes ``START_DELAY_S``, so a killed model replica leaves the model with no
+live replica for that long, as a real engine's loading does. The model takes
+``MAX_ONGOING`` requests at once and queues ``MAX_QUEUED`` more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.serve.conftest import Fleet
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+APP = "reliability"
+MODEL = "slow-model"
+MAX_ONGOING = 2
+MAX_QUEUED = 4
+START_DELAY_S = 20.0
+TOKEN_DELAY_S = 0.05
+
+
+@pytest.fixture(scope="module")
+def app_url(fleet: Fleet, ray_driver: None) -> Iterator[str]:
+    from ray import serve
+
+    from tests.serve.fake_apps import build_fake_fleet
+
+    args = {
+        "router": {"num_cpus": 0.05, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+        "models": [
+            {
+                "id": MODEL,
+                "source": "embedded://smollm2-135m-instruct",
+                "engine_args": {"token_delay_s": TOKEN_DELAY_S, "start_delay_s": START_DELAY_S},
+                "resources": {"num_cpus": 0.05},
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                "max_ongoing_requests": MAX_ONGOING,
+                "max_queued_requests": MAX_QUEUED,
+                "graceful_shutdown_timeout_s": 1,
+                "unavailable": {"retry_after_s": 7},
+            }
+        ],
+    }
+    serve.run(build_fake_fleet(args), name=APP, route_prefix=f"/{APP}")
+    url = f"{fleet.base_url}/{APP}"
+    try:
+        _until_ready(url, START_DELAY_S + 60)
+        yield url
+    finally:
+        serve.delete(APP)
+
+
+def _until_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/health/ready", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, f"{MODEL} did not start"
+        time.sleep(0.5)
+
+
+def _body(max_tokens: int, *, stream: bool) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "one two three four five"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
+def _assert_openai_rejection(response: httpx.Response, statuses: tuple[int, ...]) -> None:
+    """An OpenAI error body with the request id, and Retry-After."""
+    assert response.status_code in statuses, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json"), response.text
+    error = response.json()["error"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    assert error["message"] and error["type"] and error["code"]
+    assert int(response.headers["retry-after"]) >= 1
+
+
+async def _ask(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> httpx.Response:
+    """One request, the whole answer read (a stream to its end)."""
+    response = await client.post(f"{url}/v1/chat/completions", json=body)
+    await response.aread()
+    return response
+
+
+def test_overload_answers_200_or_an_openai_503_with_retry_after(app_url: str) -> None:
+    """120 requests at once to a model that takes 2 and queues 4: the rest are refused
+    at once, each refusal an OpenAI-shaped 503 with Retry-After; nothing else."""
+
+    async def storm() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            bodies = [_body(20, stream=i % 2 == 0) for i in range(120)]
+            return await asyncio.gather(*(_ask(client, app_url, b) for b in bodies))
+
+    answers = asyncio.run(storm())
+    by_status: dict[int, int] = {}
+    for response in answers:
+        by_status[response.status_code] = by_status.get(response.status_code, 0) + 1
+        if response.status_code == 200:
+            assert response.text.strip(), "an empty 200"
+            if response.headers["content-type"].startswith("text/event-stream"):
+                assert response.text.rstrip().endswith("data: [DONE]")
+        else:
+            _assert_openai_rejection(response, (429, 503))
+    print(f"120 at once, {MAX_ONGOING} ongoing + {MAX_QUEUED} queued: {by_status}")
+    assert by_status.get(200, 0) >= MAX_ONGOING + MAX_QUEUED, by_status
+    assert by_status.get(503, 0) > 0, by_status
+    # And nothing is left over: the next request is served.
+    assert httpx.post(f"{app_url}/v1/chat/completions", json=_body(2, stream=False)).is_success
+
+
+def _model_replica() -> str:
+    from ray.util.state import list_actors
+
+    alive = list_actors(
+        filters=[("class_name", "=", f"ServeReplica:{APP}:{MODEL}"), ("state", "=", "ALIVE")]
+    )
+    assert len(alive) == 1, alive
+    return str(alive[0].name)
+
+
+def test_requests_while_the_model_replica_restarts_are_answered_at_once(app_url: str) -> None:
+    """The model replica is killed mid-stream: the stream ends with an error frame, and
+    each request sent while the replacement starts (``START_DELAY_S``) gets an
+    OpenAI-shaped 503 with Retry-After at once (reject mode): none waits for the restart."""
+    import ray
+
+    url = f"{app_url}/v1/chat/completions"
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", url, json=_body(400, stream=True)) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            ray.kill(ray.get_actor(_model_replica(), namespace="serve"), no_restart=True)
+            killed = time.monotonic()
+            rest = "\n".join(lines)
+        ended_after = time.monotonic() - killed
+        assert '"error"' in rest and rest.rstrip().endswith("data: [DONE]"), rest[-500:]
+        assert ended_after < 10, ended_after
+        answered: list[tuple[float, int]] = []
+        for _ in range(10):
+            sent = time.monotonic()
+            response = client.post(url, json=_body(4, stream=False))
+            took = time.monotonic() - sent
+            answered.append((round(took, 2), response.status_code))
+            if response.status_code != 200:
+                _assert_openai_rejection(response, (503,))
+            time.sleep(0.5)
+    print(f"stream ended {ended_after:.1f} s after the kill; then (s, status): {answered}")
+    assert all(took < 5 for took, _ in answered), answered
+    assert any(status == 503 for _, status in answered), answered
+    _until_ready(app_url, START_DELAY_S + 60)
+    assert httpx.post(url, json=_body(2, stream=False), timeout=30).is_success
