@@ -51,6 +51,8 @@ Finish = Callable[[RequestRecord], Awaitable[None]]
 
 logger = logging.getLogger("llm_fleet.router")
 T = TypeVar("T")
+# How often a request waiting for its first item looks at its model's status (memory).
+MODEL_WATCH_S = 0.25
 
 
 class ClientDisconnected(Exception):
@@ -93,23 +95,47 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """``work``'s result, or ClientDisconnected (``work`` cancelled) if the client leaves first.
+async def _while_model_up(model: ModelConfig, source: ModelStatusSource) -> None:
+    """Raise ModelNotReadyError once ``model`` has no ready replica (in ``queue`` mode:
+    none for ``queue_timeout_s``); never returns otherwise.
+
+    A request sent just before the model lost its last replica (killed, its node gone)
+    waits in Ray Serve's handle queue until a replacement runs, a minute or more for a
+    real engine; this turns that wait into the 503 any request gets while the model is
+    down (``admit``), as soon as the status board sees it.
+    """
+    while True:
+        await asyncio.sleep(MODEL_WATCH_S)
+        current = source.status(model.id)
+        if current is not None and current.state != "ready":
+            await admit(model, source)  # back to ready (queue mode) or ModelNotReadyError
+
+
+async def _unless_disconnected(
+    request: Request, work: Awaitable[T], watch: Awaitable[None] | None = None
+) -> T:
+    """``work``'s result, or ClientDisconnected (``work`` cancelled) if the client leaves
+    first, or ``watch``'s error (``work`` cancelled) if it raises first.
 
     Used for a stream's first item (a non-streamed answer is one item, so the watch
-    covers its whole generation) and for a request queued for a loading model.
+    covers its whole generation), watching that the model stays up, and for a request
+    queued for a loading model.
     """
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_wait_for_disconnect(request))
+    guards = {gone} if watch is None else {gone, asyncio.ensure_future(watch)}
     try:
-        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, *guards}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        gone.cancel()
+        for guard in guards:
+            guard.cancel()
     if task in done:
         return task.result()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
         await task
+    for guard in (done & guards) - {gone}:
+        guard.result()  # the watch's error
     raise ClientDisconnected
 
 
@@ -345,7 +371,9 @@ def create_app(
         recorder.request_dispatched(record)
         stream = clients[model.id].stream(route, body, record.request_id)
         try:
-            first = await _unless_disconnected(request, anext(stream))
+            first = await _unless_disconnected(
+                request, anext(stream), _while_model_up(model, source)
+            )
         except StopAsyncIteration:
             raise InternalServerError(f"model {model.id} returned nothing") from None
         record.replied_at = time.perf_counter()

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from deployments.engine import Reply, Route
+from deployments.fake_engine import FakeEngine
 from router.model_status import State
 from tests.fakes import (
     CHAT_MODEL,
     COMPLETIONS_MODEL,
+    FakeModelClient,
     FakeStatusSource,
     RecordingMetrics,
     make_fleet,
@@ -230,3 +236,87 @@ def test_models_show_their_status_when_the_source_knows_it() -> None:
     assert "status" not in listed[COMPLETIONS_MODEL]  # not read yet
     assert one["status"] == "downloading"
     assert other["status"] == "ready"
+
+
+# --- a model lost while a request waits for its answer ---------------------------------
+
+
+async def _lost_while_waiting(
+    fleet: Any, status: FakeStatusSource, lost_after_s: float, body: dict[str, Any]
+) -> tuple[httpx.Response, float, int]:
+    """Send ``body``; after ``lost_after_s`` the model's status becomes loading (its
+    last replica died and Serve starts another). The answer, how long it took, and
+    the requests still generating right after."""
+    transport = httpx.ASGITransport(app=fleet.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        sent = time.monotonic()
+        answer = asyncio.create_task(http.post(CHAT_PATH, json=body))
+        await asyncio.sleep(lost_after_s)
+        status.set(CHAT_MODEL, "loading")
+        response = await answer
+        took = time.monotonic() - sent
+    return response, took, await fleet.unfinished()
+
+
+class HeldInServeQueue:
+    """A model client whose request waits ``held_s`` before the engine sees it, as one
+    in Ray Serve's handle queue waits for a replica."""
+
+    def __init__(self, inner: FakeModelClient, held_s: float) -> None:
+        self.inner, self.held_s, self.cancelled = inner, held_s, False
+
+    async def stream(
+        self, route: Route, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[str | Reply]:
+        try:
+            await asyncio.sleep(self.held_s)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        async for item in self.inner.stream(route, body, request_id):
+            yield item
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_waiting_when_its_model_goes_down_is_503_at_once(stream: bool) -> None:
+    """Serve's handle would hold it until a replacement replica runs (a minute for a
+    real engine): the router answers the 503 any request gets while the model is down,
+    and takes the request out of the queue."""
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, "ready")
+    policy = {CHAT_MODEL: {"unavailable": {"retry_after_s": 11}}}
+    held = HeldInServeQueue(FakeModelClient(FakeEngine(CHAT_MODEL)), held_s=10)
+    fleet = make_fleet(status=status, model_fields=policy, extra_clients={CHAT_MODEL: held})
+    body = chat(max_tokens=20, stream=stream)
+    response, took, _ = asyncio.run(_lost_while_waiting(fleet, status, 0.2, body))
+    error = openai_error(response, 503, "model_not_ready")
+    assert response.headers["retry-after"] == "11"
+    assert "is loading" in error["message"]
+    assert took < 1.5
+    assert held.cancelled  # the request left the model's queue
+
+
+def test_in_queue_mode_a_request_waits_for_the_model_to_come_back() -> None:
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, "ready")
+    status.ready_after_s[CHAT_MODEL] = 0.3
+    policy = {CHAT_MODEL: queue_policy(queue_timeout_s=5.0)}
+    fleet = make_fleet(status=status, model_fields=policy, token_delay_s=0.1)
+    body = chat(max_tokens=10, ignore_eos=True)  # 1 s
+    response, took, _ = asyncio.run(_lost_while_waiting(fleet, status, 0.2, body))
+    assert response.status_code == 200, response.text
+    assert status.waited == [(CHAT_MODEL, 5.0)]
+    assert took < 3.0
+
+
+def test_a_stream_already_relaying_is_not_cut_by_the_status() -> None:
+    """Only the wait for the first item is watched: a stream that is relaying ends by
+    itself (an error frame if its replica dies)."""
+    status = FakeStatusSource()
+    status.set(CHAT_MODEL, "ready")
+    fleet = make_fleet(status=status, token_delay_s=0.05)
+    body = chat(max_tokens=20, ignore_eos=True, stream=True)  # 1 s
+    response, _, _ = asyncio.run(_lost_while_waiting(fleet, status, 0.3, body))
+    assert response.status_code == 200
+    assert response.text.rstrip().endswith("data: [DONE]")
+    assert '"error"' not in response.text
