@@ -123,7 +123,8 @@ async def _unless_disconnected(
     """
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_wait_for_disconnect(request))
-    guards = {gone} if watch is None else {gone, asyncio.ensure_future(watch)}
+    watching = None if watch is None else asyncio.ensure_future(watch)
+    guards = {gone} if watching is None else {gone, watching}
     try:
         done, _ = await asyncio.wait({task, *guards}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -134,8 +135,8 @@ async def _unless_disconnected(
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
         await task
-    for guard in (done & guards) - {gone}:
-        guard.result()  # the watch's error
+    if watching is not None and watching in done:
+        watching.result()  # the watch's error
     raise ClientDisconnected
 
 

@@ -52,19 +52,24 @@ class HandleModelClient:
     ) -> AsyncIterator[str | Reply]:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        response = cast(
-            "DeploymentResponseGenerator[str | Reply]",
-            self._handle.generate.remote(route, body, request_id, self._caller),
-        )
+        response: DeploymentResponseGenerator[str | Reply] | None = None
         try:
+            # Inside the try: a full queue may refuse the call itself, and an escaped
+            # BackPressureError would reach the client as Serve's plain-text 503.
+            response = cast(
+                "DeploymentResponseGenerator[str | Reply]",
+                self._handle.generate.remote(route, body, request_id, self._caller),
+            )
             async for item in response:
                 yield item
-        except (BackPressureError, DeploymentUnavailableError):
+        except (BackPressureError, DeploymentUnavailableError) as exc:
             raise ServiceUnavailableError(
-                f"Model '{self._model_id}' is at capacity; retry shortly."
+                f"Model '{self._model_id}' is at capacity; retry shortly.",
+                retry_after_s=max(1, int(getattr(exc, "retry_after_s", None) or 1)),
             ) from None
         except Exception as exc:
             # Replica or actor failures: the detail goes to logs, never to the client.
             raise InternalServerError(f"model {self._model_id}: {type(exc).__name__}") from exc
         finally:
-            response.cancel()  # type: ignore[no-untyped-call]
+            if response is not None:
+                response.cancel()  # type: ignore[no-untyped-call]

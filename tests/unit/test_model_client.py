@@ -1,0 +1,90 @@
+"""HandleModelClient over a stand-in for a Ray Serve handle: what Serve raises becomes
+the router's own OpenAI errors, wherever Serve raises it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from deployments.errors import InternalServerError, ServiceUnavailableError
+from router.model_client import HandleModelClient
+
+
+class FakeResponse:
+    """A streaming DeploymentResponseGenerator: ``items``, then ``error`` if set."""
+
+    def __init__(self, items: list[str], error: Exception | None) -> None:
+        self.items, self.error, self.cancelled = items, error, False
+
+    async def _gen(self) -> AsyncIterator[str]:
+        for item in self.items:
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._gen()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeHandle:
+    """``handle.options(...).generate.remote(...)``; ``at_call`` is raised by ``remote``
+    itself, ``mid_stream`` after ``items``."""
+
+    def __init__(
+        self, at_call: Exception | None = None, mid_stream: Exception | None = None
+    ) -> None:
+        self.at_call, self.mid_stream = at_call, mid_stream
+        self.responses: list[FakeResponse] = []
+        self.generate = self
+
+    def options(self, **_: Any) -> FakeHandle:
+        return self
+
+    def remote(self, *_: Any) -> FakeResponse:
+        if self.at_call is not None:
+            raise self.at_call
+        response = FakeResponse(["data: a\n\n"], self.mid_stream)
+        self.responses.append(response)
+        return response
+
+
+async def _drain(client: HandleModelClient) -> list[Any]:
+    return [item async for item in client.stream("chat", {}, "req-1")]
+
+
+BACKPRESSURE = BackPressureError(num_queued_requests=4, max_queued_requests=4, retry_after_s=3)
+
+
+@pytest.mark.parametrize("where", ["at_call", "mid_stream"])
+@pytest.mark.parametrize(
+    ("error", "retry_after_s"),
+    [(BACKPRESSURE, 3), (DeploymentUnavailableError("m"), 1)],
+    ids=["backpressure", "unavailable"],
+)
+@pytest.mark.parametrize("transport", ["actor", "grpc"])
+def test_serve_refusals_become_the_routers_503(
+    where: str, error: Exception, retry_after_s: int, transport: Any
+) -> None:
+    handle = FakeHandle(**{where: error})
+    client = HandleModelClient("m", handle, transport=transport)  # type: ignore[arg-type]
+    with pytest.raises(ServiceUnavailableError) as raised:
+        asyncio.run(_drain(client))
+    assert raised.value.status_code == 503
+    assert raised.value.retry_after_s == retry_after_s
+    assert "at capacity" in raised.value.message
+    assert all(response.cancelled for response in handle.responses)
+
+
+def test_other_failures_are_a_500_that_hides_the_detail() -> None:
+    handle = FakeHandle(mid_stream=RuntimeError("secret detail"))
+    client = HandleModelClient("m", handle)  # type: ignore[arg-type]
+    with pytest.raises(InternalServerError) as raised:
+        asyncio.run(_drain(client))
+    assert raised.value.message == "model m: RuntimeError"
