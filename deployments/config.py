@@ -344,6 +344,13 @@ class RouterConfig(StrictModel):
         ge=1024,
         description="Largest total of request header names and values; larger gets 431.",
     )
+    request_timeout_s: float | None = Field(
+        600.0,
+        gt=0,
+        description="Longest a request may take, from arrival to its last byte: past it a "
+        "whole answer is 504 request_timeout and a stream ends with that error frame, and "
+        "the generation is aborted. null: no limit (max_tokens still bounds a generation).",
+    )
     status_poll_interval_s: float = Field(
         1.0,
         gt=0,

@@ -16,6 +16,7 @@
         ├── ModelNotFoundError       404 unknown or not-allowed model (for the config or the key)
         ├── QuotaExceededError       429 the key's rpm, tpm or concurrency limit is reached
         ├── ServiceUnavailableError  503 no replica can take the request now
+        ├── RequestTimeoutError      504 not answered within router.request_timeout_s
         │   └── ModelNotReadyError   503 the model is loading, scaled to zero or failed
         └── InternalServerError      500; its message never reaches the client
 
@@ -188,6 +189,20 @@ class ModelNotReadyError(ServiceUnavailableError):
             f"Model '{model_id}' {why}; retry in {retry_after_s} s.",
             param="model",
             retry_after_s=retry_after_s,
+        )
+
+
+class RequestTimeoutError(APIError):
+    """The request ran past ``router.request_timeout_s``; its generation was aborted."""
+
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "request_timeout"
+
+    def __init__(self, timeout_s: float):
+        super().__init__(
+            f"The request was not answered within {timeout_s:g} s "
+            "(router.request_timeout_s); its generation was stopped."
         )
 
 

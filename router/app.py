@@ -29,6 +29,7 @@ from deployments.errors import (
     HeadersTooLargeError,
     InternalServerError,
     ModelNotFoundError,
+    RequestTimeoutError,
     RequestTooLargeError,
     UnsupportedMediaTypeError,
     api_error_from_status,
@@ -140,6 +141,25 @@ async def _unless_disconnected(
     raise ClientDisconnected
 
 
+class _Deadline:
+    """``router.request_timeout_s`` for one request, counted from its arrival."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s
+        self.at = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+
+    async def within(self, work: Awaitable[T]) -> T:
+        """``work``'s result, or RequestTimeoutError (``work`` cancelled: an engine
+        call's generation aborted) once the deadline passes."""
+        if self.at is None or self.timeout_s is None:
+            return await work
+        try:
+            async with asyncio.timeout_at(self.at):
+                return await work
+        except TimeoutError:
+            raise RequestTimeoutError(self.timeout_s) from None
+
+
 class _HeaderLimit:
     """431 for a request whose header names and values total more than ``max_bytes``,
     on every route, before anything else reads it (Serve's proxy takes 64 KiB)."""
@@ -185,6 +205,7 @@ async def _relay(
     record: RequestRecord,
     tap: UsageTap,
     finish: Finish,
+    deadline: _Deadline,
 ) -> AsyncGenerator[str, None]:
     """Relay frames as they come; an error after the first frame becomes an SSE error frame.
 
@@ -193,14 +214,19 @@ async def _relay(
     which aborts the generation) or makes its next send fail (that frame counts as
     sent after the disconnect). Once ``[DONE]`` is sent the answer is complete: the
     relay stops there, so a client closing the connection on ``[DONE]`` (as SDKs do)
-    is a 200, not a disconnect. However the relay ends, its closing out (the engine
-    stream closed, the record finished, the key's slot and tokens released) runs to
-    the end, cancellation or not (``uninterrupted``).
+    is a 200, not a disconnect. A stream still running at the request's deadline ends
+    with a ``request_timeout`` error frame, its generation aborted. However the relay
+    ends, its closing out (the engine stream closed, the record finished, the key's
+    slot and tokens released) runs to the end, cancellation or not (``uninterrupted``).
     """
 
     async def frames() -> AsyncGenerator[str, None]:
         yield first
-        async for item in stream:
+        while True:
+            try:
+                item = await deadline.within(anext(stream))
+            except StopAsyncIteration:
+                return
             if isinstance(item, str):
                 yield item
 
@@ -356,6 +382,7 @@ def create_app(
     ) -> tuple[Response, bool]:
         """The response, and whether its record is already finished (a stream finishes
         its own record when it ends)."""
+        deadline = _Deadline(config.router.request_timeout_s)
         body = await _read_json(request, max_bytes)
         parsed = parse_request(route, body)
         model = visible(hold.principal).get(parsed.model)
@@ -373,7 +400,7 @@ def create_app(
         stream = clients[model.id].stream(route, body, record.request_id)
         try:
             first = await _unless_disconnected(
-                request, anext(stream), _while_model_up(model, source)
+                request, deadline.within(anext(stream)), _while_model_up(model, source)
             )
         except StopAsyncIteration:
             raise InternalServerError(f"model {model.id} returned nothing") from None
@@ -391,7 +418,7 @@ def create_app(
             record.usage(first.body.get("usage"))
             headers = {"Server-Timing": record.server_timing()}
             return JSONResponse(first.body, status_code=first.status, headers=headers), False
-        relay = _relay(first, stream, record, UsageTap(drop_usage), finish)
+        relay = _relay(first, stream, record, UsageTap(drop_usage), finish, deadline)
 
         async def never_started() -> None:
             if record.finished_at is None:

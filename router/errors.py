@@ -3,7 +3,8 @@
 :func:`error_response` makes the HTTP response; :func:`error_frame` makes the SSE
 frame sent when a stream fails after its first chunk. Both produce the OpenAI error
 body ``{"error": {"message", "type", "param", "code", "request_id"}}``; a 5xx never
-carries internals, only a generic message and the request id to quote.
+carries internals, only a generic message and the request id to quote (503 and 504
+carry the router's own words, which say what to do and hold no internals).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from fastapi.responses import JSONResponse
 from deployments.errors import APIError
 
 _HIDDEN_MESSAGE = "The server had an error while processing your request."
+_SAID_AS_IS = (503, 504)
 
 
 def _body(err: APIError, request_id: str) -> dict[str, Any]:
-    message = _HIDDEN_MESSAGE if err.status_code >= 500 and err.status_code != 503 else err.message
+    hidden = err.status_code >= 500 and err.status_code not in _SAID_AS_IS
+    message = _HIDDEN_MESSAGE if hidden else err.message
     return {
         "error": {
             "message": message,

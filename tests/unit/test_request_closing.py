@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from starlette.types import Message
 
@@ -33,7 +35,7 @@ from tests.fakes import (
     make_fleet,
     post_scope,
 )
-from tests.unit.ops_helpers import CHAT_PATH, chat
+from tests.unit.ops_helpers import CHAT_PATH, chat, openai_error, sse_payloads
 
 
 class SlowLimits(LocalLimits):
@@ -195,3 +197,58 @@ def test_a_client_closing_on_done_is_a_whole_answer(tmp_path: Path) -> None:
     assert (record.status, record.disconnected) == (200, False)
     assert limits.in_flight() == 0
     assert limits.released == [record.tokens_used] and record.tokens_used > 0
+
+
+# --- router.request_timeout_s ------------------------------------------------------------
+
+
+def _timed_out_fleet(timeout_s: float | None) -> tuple[Fleet, RecordingMetrics]:
+    metrics = RecordingMetrics()
+    fleet = make_fleet(metrics=metrics, token_delay_s=0.1, request_timeout_s=timeout_s)
+    return fleet, metrics
+
+
+async def _post(fleet: Fleet, body: dict[str, Any]) -> tuple[httpx.Response, float, int]:
+    transport = httpx.ASGITransport(app=fleet.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        started = time.monotonic()
+        response = await http.post(CHAT_PATH, json=body)
+        took = time.monotonic() - started
+    await asyncio.sleep(0.1)
+    return response, took, await fleet.unfinished()
+
+
+LONG = chat("a b c", max_tokens=40, ignore_eos=True)  # 4 s at 0.1 s a token
+
+
+def test_a_whole_answer_past_the_timeout_is_504_and_its_generation_stops() -> None:
+    fleet, metrics = _timed_out_fleet(0.5)
+    response, took, unfinished = asyncio.run(_post(fleet, LONG))
+    error = openai_error(response, 504, "request_timeout")
+    assert error["type"] == "timeout_error"
+    assert "within 0.5 s (router.request_timeout_s)" in error["message"]
+    assert 0.5 <= took < 2.0
+    assert unfinished == 0
+    [record] = metrics.finished
+    assert record.status == 504
+
+
+def test_a_stream_past_the_timeout_ends_with_its_error_frame() -> None:
+    fleet, metrics = _timed_out_fleet(0.5)
+    response, took, unfinished = asyncio.run(_post(fleet, {**LONG, "stream": True}))
+    assert response.status_code == 200  # the stream had started
+    chunks = sse_payloads(response)
+    assert any(c.get("choices") for c in chunks[:-1])  # it relayed frames first
+    assert chunks[-1]["error"]["code"] == "request_timeout"
+    assert took < 2.0
+    assert unfinished == 0
+    [record] = metrics.finished
+    assert record.status == 504
+
+
+def test_without_a_timeout_a_long_answer_runs_to_its_end() -> None:
+    fleet, _ = _timed_out_fleet(None)
+    body = chat("a b c", max_tokens=8, ignore_eos=True)
+    response, _, _ = asyncio.run(_post(fleet, body))
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == 8
