@@ -8,6 +8,8 @@ the replica, which aborts the generation in vLLM.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
@@ -67,9 +69,14 @@ class HandleModelClient:
                 f"Model '{self._model_id}' is at capacity; retry shortly.",
                 retry_after_s=max(1, int(getattr(exc, "retry_after_s", None) or 1)),
             ) from None
+        except (GeneratorExit, asyncio.CancelledError):
+            # The caller stopped early (its client left): cancel the call, which aborts
+            # the generation. Only here: Serve's cancel() re-raises, synchronously, the
+            # error a call that already failed ended with (a refusal, below).
+            if response is not None:
+                with contextlib.suppress(BackPressureError, DeploymentUnavailableError):
+                    response.cancel()  # type: ignore[no-untyped-call]
+            raise
         except Exception as exc:
             # Replica or actor failures: the detail goes to logs, never to the client.
             raise InternalServerError(f"model {self._model_id}: {type(exc).__name__}") from exc
-        finally:
-            if response is not None:
-                response.cancel()  # type: ignore[no-untyped-call]

@@ -15,10 +15,14 @@ from router.model_client import HandleModelClient
 
 
 class FakeResponse:
-    """A streaming DeploymentResponseGenerator: ``items``, then ``error`` if set."""
+    """A streaming DeploymentResponseGenerator: ``items``, then ``error`` if set. Like
+    Serve's, ``cancel()`` re-raises the error the call ended with (``cancel_raises``)."""
 
-    def __init__(self, items: list[str], error: Exception | None) -> None:
-        self.items, self.error, self.cancelled = items, error, False
+    def __init__(
+        self, items: list[str], error: Exception | None, cancel_raises: Exception | None
+    ) -> None:
+        self.items, self.error, self.cancel_raises = items, error, cancel_raises
+        self.cancelled = False
 
     async def _gen(self) -> AsyncIterator[str]:
         for item in self.items:
@@ -31,6 +35,8 @@ class FakeResponse:
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.cancel_raises is not None:
+            raise self.cancel_raises
 
 
 class FakeHandle:
@@ -38,9 +44,12 @@ class FakeHandle:
     itself, ``mid_stream`` after ``items``."""
 
     def __init__(
-        self, at_call: Exception | None = None, mid_stream: Exception | None = None
+        self,
+        at_call: Exception | None = None,
+        mid_stream: Exception | None = None,
+        cancel_raises: Exception | None = None,
     ) -> None:
-        self.at_call, self.mid_stream = at_call, mid_stream
+        self.at_call, self.mid_stream, self.cancel_raises = at_call, mid_stream, cancel_raises
         self.responses: list[FakeResponse] = []
         self.generate = self
 
@@ -50,7 +59,7 @@ class FakeHandle:
     def remote(self, *_: Any) -> FakeResponse:
         if self.at_call is not None:
             raise self.at_call
-        response = FakeResponse(["data: a\n\n"], self.mid_stream)
+        response = FakeResponse(["data: a\n\n", "data: b\n\n"], self.mid_stream, self.cancel_raises)
         self.responses.append(response)
         return response
 
@@ -72,14 +81,38 @@ BACKPRESSURE = BackPressureError(num_queued_requests=4, max_queued_requests=4, r
 def test_serve_refusals_become_the_routers_503(
     where: str, error: Exception, retry_after_s: int, transport: Any
 ) -> None:
-    handle = FakeHandle(**{where: error})
+    # As Serve's does, the failed call's cancel() would raise its error again.
+    handle = FakeHandle(**{where: error}, cancel_raises=error)
     client = HandleModelClient("m", handle, transport=transport)  # type: ignore[arg-type]
     with pytest.raises(ServiceUnavailableError) as raised:
         asyncio.run(_drain(client))
     assert raised.value.status_code == 503
     assert raised.value.retry_after_s == retry_after_s
     assert "at capacity" in raised.value.message
-    assert all(response.cancelled for response in handle.responses)
+
+
+async def _first_then_close(client: HandleModelClient) -> Any:
+    stream = client.stream("chat", {}, "req-1")
+    first = await anext(stream)  # type: ignore[call-overload]
+    await stream.aclose()  # type: ignore[attr-defined]
+    return first
+
+
+@pytest.mark.parametrize("cancel_raises", [None, BACKPRESSURE], ids=["plain", "refused"])
+def test_closing_early_cancels_the_call(cancel_raises: Exception | None) -> None:
+    """A client that leaves closes the stream: the call is cancelled (the generation
+    aborted), and a refusal cancel() re-raises stays inside."""
+    handle = FakeHandle(cancel_raises=cancel_raises)
+    client = HandleModelClient("m", handle)  # type: ignore[arg-type]
+    assert asyncio.run(_first_then_close(client)) == "data: a\n\n"
+    assert [response.cancelled for response in handle.responses] == [True]
+
+
+def test_a_stream_that_ends_is_not_cancelled() -> None:
+    handle = FakeHandle(cancel_raises=RuntimeError("cancel() of a finished call"))
+    client = HandleModelClient("m", handle)  # type: ignore[arg-type]
+    assert len(asyncio.run(_drain(client))) == 2
+    assert [response.cancelled for response in handle.responses] == [False]
 
 
 def test_other_failures_are_a_500_that_hides_the_detail() -> None:
