@@ -29,7 +29,7 @@ from pathlib import Path
 from deployments.build_once import build_once
 from deployments.errors import ModelPreparationError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("llm_fleet.deployments.embedded")
 
 MODEL_STORE_ENV = "LLM_FLEET_MODEL_STORE"
 MARKER_FILE = ".llm-fleet-embedded.json"

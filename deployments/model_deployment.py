@@ -29,7 +29,7 @@ from deployments.replica_status import Phase, PhaseReporter
 from deployments.serve_logging import log_through_serve
 from deployments.weights import resolve_weights
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("llm_fleet.deployments.model_deployment")
 
 EngineFactory = Callable[[ModelConfig, Path], LLMEngine]
 _REMOTE_SCHEMES = ("s3://", "hf://")
@@ -121,7 +121,7 @@ class ModelDeployment:
         cpu_binding: CpuBindingConfig | None = None,
         coalesce_frames: bool = False,
     ):
-        log_through_serve("deployments")
+        log_through_serve("llm_fleet")
         self._model = model
         self._coalesce = coalesce_frames
         self._engine: LLMEngine | None = None

@@ -22,7 +22,7 @@ from deployments.engine import EngineInfo, Reply, Route
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("llm_fleet.deployments.vllm_engine")
 
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     # bf16 on CPU produces garbage text with vLLM's CPU kernels; eager loads ~4x faster.

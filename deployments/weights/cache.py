@@ -24,7 +24,7 @@ from deployments.build_once import build_once
 from deployments.errors import ModelPreparationError
 from deployments.weights.integrity import Digest, check_file_types, is_pickle, verify_file
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("llm_fleet.deployments.weights.cache")
 
 CACHE_ENV = "LLM_FLEET_WEIGHT_CACHE"
 COMPLETE_MARKER = ".llm-fleet-complete.json"

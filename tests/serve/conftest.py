@@ -250,10 +250,21 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             import ray
 
             if ray.is_initialized():
+                _close_driver_handles()
                 ray.shutdown()
             launcher.stop(process)
     finally:
         servers.stop()
+
+
+def _close_driver_handles() -> None:
+    """Stop the background tasks of this driver's Serve handles (their metrics push)
+    before Ray goes: left running, each logs a traceback once Ray is shut down."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is not None:
+        client.shutdown_cached_handles()
 
 
 @pytest.fixture(scope="package")

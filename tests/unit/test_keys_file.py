@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def test_create_returns_the_key_once_and_stores_only_its_hash(path: Path) -> Non
         1000,
     )
     assert (entry.max_tokens, entry.concurrency, entry.revoked) == (None, None, False)
-    assert len(entry.id) == 8 and int(entry.id, 16) >= 0
+    assert re.fullmatch("[0-9a-f]{8}", entry.id), entry.id
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     # The documented format: a plain timestamp, every model by default, no nulls written.
     raw = yaml.safe_load(text)["keys"][0]

@@ -66,7 +66,7 @@ def test_server_timing_splits_routing_queue_engine_and_total() -> None:
     timings = server_timing(response)
     assert list(timings) == ["routing", "queue", "engine", "total"]
     assert timings["engine"] >= words * delay_s * 1000 * 0.9
-    assert all(ms >= 0 for ms in timings.values())
+    assert timings["routing"] < timings["engine"]  # the router's own work is small
     parts = timings["routing"] + timings["queue"] + timings["engine"]
     assert parts == pytest.approx(timings["total"], abs=0.3)  # each rounded to 0.1 ms
 
