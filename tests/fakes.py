@@ -264,24 +264,43 @@ async def post_then_leave(
     """POST ``body`` over raw ASGI, then report ``http.disconnect`` after a delay, as
     uvicorn does when the socket closes; ``on_leave`` runs just before; ``headers`` are
     sent besides the content ones. Returns what the app sent."""
-    raw = json.dumps(body).encode()
-    sent: list[Message] = []
-    body_read = False
 
-    async def receive() -> Message:
-        nonlocal body_read
-        if not body_read:
-            body_read = True
-            return {"type": "http.request", "body": raw, "more_body": False}
+    async def leave() -> Message:
         await asyncio.sleep(leave_after_s)
         if on_leave is not None:
             await on_leave()
         return {"type": "http.disconnect"}
 
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    headers = {"content-length": str(len(raw)), **(headers or {})}
+    channel = AsgiChannel(body, after_body=leave)
+    headers = {"content-length": str(len(channel.raw)), **(headers or {})}
     scope = post_scope(path, headers)
-    await asyncio.wait_for(app(scope, receive, send), timeout=10)
-    return sent
+    await asyncio.wait_for(app(scope, channel.receive, channel.send), timeout=10)
+    return channel.sent
+
+
+class AsgiChannel:
+    """The server's side of one POST over raw ASGI: ``receive`` hands over ``body``,
+    then whatever ``after_body`` returns (by default: nothing, ever, as for a client
+    that stays); ``send`` keeps what the app sent, in ``sent``."""
+
+    def __init__(
+        self, body: dict[str, Any], after_body: Callable[[], Awaitable[Message]] | None = None
+    ) -> None:
+        self.raw = json.dumps(body).encode()
+        self.sent: list[Message] = []
+        self._after_body = after_body or _never
+        self._body_read = False
+
+    async def receive(self) -> Message:
+        if not self._body_read:
+            self._body_read = True
+            return {"type": "http.request", "body": self.raw, "more_body": False}
+        return await self._after_body()
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+
+
+async def _never() -> Message:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")

@@ -29,6 +29,7 @@ from router.quota import LOCAL_HOLDER, Admission, LocalLimits
 from tests.fakes import (
     CHAT_MODEL,
     MAX_MODEL_LEN,
+    AsgiChannel,
     FakeModelClient,
     Fleet,
     RecordingMetrics,
@@ -91,27 +92,14 @@ async def _cancelled_while_running(
 ) -> list[Message]:
     """Run one request whose client never leaves, cancel its task after ``after_s`` as
     Serve does, then keep cancelling it until it ends, as an anyio scope does."""
-    raw = json.dumps(body).encode()
-    sent: list[Message] = []
-    body_read = False
-
-    async def receive() -> Message:
-        nonlocal body_read
-        if not body_read:
-            body_read = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    task = asyncio.create_task(fleet.app(post_scope(CHAT_PATH, headers), receive, send))
+    channel = AsgiChannel(body)
+    scope = post_scope(CHAT_PATH, headers)
+    task = asyncio.create_task(fleet.app(scope, channel.receive, channel.send))
     await asyncio.sleep(after_s)
     while not task.done():
         task.cancel()
         await asyncio.sleep(0.005)
-    return sent
+    return channel.sent
 
 
 async def _settled(limits: SlowLimits, fleet: Fleet, timeout_s: float = 3.0) -> None:
