@@ -236,7 +236,6 @@ async def _relay(
         finally:
             await finish(record)
 
-    completed = False
     try:
         async with contextlib.aclosing(frames()) as items:
             async for frame in items:
@@ -244,17 +243,7 @@ async def _relay(
                 if relayed is not None:
                     yield relayed
                     if relayed.endswith(DONE_FRAME):
-                        completed = True
                         break
-        if not completed:
-            # The engine always ends a stream with [DONE]; one that ends without it was
-            # cancelled under the relay: Ray Serve cancels a request's handle calls when
-            # its HTTP client leaves, and the call then just stops. A disconnect; the
-            # frames below only reach a client that is, against the odds, still there.
-            logger.info("stream %s cut short before [DONE]: client gone", record.request_id)
-            record.disconnected, record.status = True, 499
-            yield error_frame(InternalServerError("stream cut short"), record.request_id)
-            yield DONE_FRAME
     except APIError as err:
         record.failed(err)
         yield error_frame(err, record.request_id)
@@ -414,10 +403,6 @@ def create_app(
                 request, deadline.within(anext(stream)), _while_model_up(model, source)
             )
         except StopAsyncIteration:
-            # As in the relay: a call that stops with nothing was cancelled under us,
-            # which Serve does when the client leaves.
-            if await request.is_disconnected():
-                raise ClientDisconnected from None
             raise InternalServerError(f"model {model.id} returned nothing") from None
         record.replied_at = time.perf_counter()
         if isinstance(first, Reply):

@@ -240,34 +240,3 @@ def test_without_a_timeout_a_long_answer_runs_to_its_end() -> None:
     response, _, _ = asyncio.run(_post(fleet, body))
     assert response.status_code == 200
     assert response.json()["usage"]["completion_tokens"] == 8
-
-
-class CutShortClient:
-    """A model client whose stream stops after ``frames`` items without ``[DONE]``, as a
-    Serve handle call does when Serve cancels it (its request's client left)."""
-
-    def __init__(self, inner: FakeModelClient, frames: int) -> None:
-        self.inner, self.frames = inner, frames
-
-    async def stream(
-        self, route: Route, body: dict[str, Any], request_id: str
-    ) -> AsyncIterator[str | Reply]:
-        sent = 0
-        async for item in self.inner.stream(route, body, request_id):
-            if sent == self.frames:
-                return
-            yield item
-            sent += 1
-
-
-def test_a_stream_cut_short_without_done_is_a_disconnect() -> None:
-    metrics = RecordingMetrics()
-    engine = FakeEngine(CHAT_MODEL, max_model_len=MAX_MODEL_LEN)
-    client = CutShortClient(FakeModelClient(engine), frames=3)
-    fleet = make_fleet(metrics=metrics, extra_clients={CHAT_MODEL: client})
-    body = chat("a b c d e f", stream=True)
-    response, _, _ = asyncio.run(_post(fleet, body))
-    chunks = sse_payloads(response)  # still ends with [DONE] for a client that stayed
-    assert chunks[-1]["error"]["code"] == "internal_error"
-    [record] = metrics.finished
-    assert (record.status, record.disconnected) == (499, True)
