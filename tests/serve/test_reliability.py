@@ -87,10 +87,13 @@ def _until_ready(url: str, timeout_s: float) -> None:
 
 
 def _body(max_tokens: int, *, stream: bool, model: str = MODEL) -> dict[str, Any]:
+    """A request that generates ``max_tokens`` (the fake engine would otherwise stop
+    after echoing the prompt's five words)."""
     return {
         "model": model,
         "messages": [{"role": "user", "content": "one two three four five"}],
         "max_tokens": max_tokens,
+        "ignore_eos": True,
         "stream": stream,
     }
 
