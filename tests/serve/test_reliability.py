@@ -180,7 +180,9 @@ def test_requests_while_the_model_replica_restarts_are_answered_at_once(app_url:
                 _assert_openai_rejection(response, (503,))
             time.sleep(0.5)
     print(f"stream ended {ended_after:.1f} s after the kill; then (s, status): {answered}")
-    assert all(took < HEALTH_CHECK_S + 3 for took, _ in answered), answered
+    # Far below START_DELAY_S: none waited for the restart (measured: 1.8 to 3.1 s for the
+    # first one, the health check and the board's poll; hundredths after that).
+    assert all(took < HEALTH_CHECK_S + 5 for took, _ in answered), answered
     assert any(status == 503 for _, status in answered), answered
     _until_ready(app_url, START_DELAY_S + 60)
     assert httpx.post(url, json=_body(2, stream=False), timeout=30).is_success
