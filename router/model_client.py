@@ -72,7 +72,8 @@ class HandleModelClient:
         except (GeneratorExit, asyncio.CancelledError):
             # The caller stopped early (its client left): cancel the call, which aborts
             # the generation. Only here: Serve's cancel() re-raises, synchronously, the
-            # error a call that already failed ended with (a refusal, below).
+            # error a failed call ended with (a refusal: the 503 above), which would
+            # then escape as Serve's plain-text 503.
             if response is not None:
                 with contextlib.suppress(BackPressureError, DeploymentUnavailableError):
                     response.cancel()  # type: ignore[no-untyped-call]
