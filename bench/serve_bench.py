@@ -53,8 +53,11 @@ sys.path.insert(0, str(REPO))
 
 from bench.cpu_account import cpu_span  # noqa: E402
 from deployments import embedded, launcher  # noqa: E402
+from deployments.config import ModelConfig  # noqa: E402
+from deployments.vllm_engine import engine_kwargs  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
+LOCAL_CONFIG = REPO / "serve_config.local.yaml"
 RESULTS = REPO / ".bench-results"
 # vLLM's figures (ms and per-second rates) that the table and the JSON keep.
 FIGURES = (
@@ -81,10 +84,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 900) -> None:
+def wait_ready(
+    url: str, process: subprocess.Popen[bytes], model: str = MODEL, timeout: float = 900
+) -> None:
     """Until ``url`` answers a one-token chat (or the server exits)."""
     deadline = time.monotonic() + timeout
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{url}: server exited with {process.returncode}")
@@ -108,34 +113,47 @@ class Side:
     seed_offset: int = 0
 
 
-def model_settings() -> tuple[dict[str, Any], dict[str, Any]]:
-    """The local config narrowed to the benchmarked model, and that model's entry.
+def model_settings(
+    config_path: Path = LOCAL_CONFIG, model_id: str = MODEL
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config narrowed to the benchmarked model, and that model's entry.
 
     The model runs exactly one replica, like bare vLLM's one engine: autoscaling a
     second CPU engine onto the same cores would measure the machine, not the gateway.
     """
-    config = yaml.safe_load((REPO / "serve_config.local.yaml").read_text())
+    config = yaml.safe_load(config_path.read_text())
     app = config["applications"][0]
-    model = next(m for m in app["args"]["models"] if m["id"] == MODEL)
+    model = next(m for m in app["args"]["models"] if m["id"] == model_id)
     model["autoscaling"] = {**model.get("autoscaling", {}), "min_replicas": 1, "max_replicas": 1}
     if not model.get("direct"):
-        raise RuntimeError(f"{MODEL} must keep direct: true in serve_config.local.yaml")
+        raise RuntimeError(f"{model_id} must keep direct: true in {config_path.name}")
     for each in config["applications"]:  # the fleet app and the model's direct app
         each["args"]["models"] = [model]
     return config, model
 
 
-def bare_command(model_path: Path, engine_args: Mapping[str, Any], port: int) -> list[str]:
-    """vLLM's own OpenAI server with the fleet's engine arguments for this model."""
+def bare_command(model_path: Path, model: Mapping[str, Any], port: int) -> list[str]:
+    """vLLM's own OpenAI server with the fleet's engine arguments for this model: the
+    same ``engine_kwargs`` the replica gives vLLM (CPU defaults for a CPU model)."""
+    entry = ModelConfig.model_validate(model)
+    kwargs = engine_kwargs(entry, model_path)
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_path), "--served-model-name", MODEL,
         "--host", "127.0.0.1", "--port", str(port),
-        # The fleet's CPU defaults (deployments/vllm_engine.py: CPU_ENGINE_DEFAULTS).
-        "--dtype", "float32", "--enforce-eager",
     ]  # fmt: skip
-    for key, value in engine_args.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+    for key, value in kwargs.items():
+        flag = f"--{key.replace('_', '-')}"
+        if key == "served_model_name":
+            argv += [flag, *value]
+        elif value is True:
+            argv.append(flag)
+        elif value is False:  # vLLM's booleans: store_true ones, or --no-<name>
+            if key not in ("trust_remote_code", "enforce_eager"):
+                argv.append(f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
     return argv
 
 
@@ -155,7 +173,7 @@ def run_client(
     prompts = max(args.min_prompts, concurrency * args.prompts_per_slot)
     argv = [
         "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
-        "--base-url", url, "--model", MODEL, "--tokenizer", str(tokenizer),
+        "--base-url", url, "--model", args.model, "--tokenizer", str(tokenizer),
         "--dataset-name", "random", "--seed", str(seed),
         "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
         "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
@@ -168,6 +186,40 @@ def run_client(
     if result.get("completed", 0) != prompts:
         raise RuntimeError(f"{url}: {result.get('completed')} of {prompts} requests completed")
     return {name: float(result[name]) for name in FIGURES}
+
+
+def serve_status(env: Mapping[str, str]) -> str:
+    """``serve status`` of the running fleet (its output, or why it failed).
+
+    The CLI sends the cluster's token (``~/.ray/auth_token``) only in token mode, which
+    it does not infer by itself: hence ``RAY_AUTH_MODE=token``, unless set otherwise."""
+    done = subprocess.run(
+        [launcher._bin("serve"), "status"],
+        env=launcher.local_cluster_env({"RAY_AUTH_MODE": "token", **env}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    failed = f"\n(exit {done.returncode}) {done.stderr[-2000:]}" if done.returncode else ""
+    return done.stdout + failed
+
+
+def model_path_of(model: Mapping[str, Any]) -> Path:
+    """The folder vLLM loads: an embedded model converted once, or a local folder."""
+    source = str(model["source"])
+    if source.startswith("embedded://"):
+        return embedded.prepare(source.removeprefix("embedded://"))
+    if source.startswith(("/", "file://")):
+        return Path(source.removeprefix("file://"))
+    raise RuntimeError(f"bench: {source}: only embedded:// and local sources are benchmarked")
+
+
+def hardware() -> str:
+    """The machine, in words: its GPU when torch sees one, then its CPUs."""
+    cpus = f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
+    import torch
+
+    return f"{torch.cuda.get_device_name(0)}, {cpus}" if torch.cuda.is_available() else cpus
 
 
 def median_figures(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -260,9 +312,15 @@ def apply_variant(
 
 @contextlib.contextmanager
 def fleet_server(
-    config: dict[str, Any], env: Mapping[str, str], tmp: Path, name: str
+    config: dict[str, Any],
+    env: Mapping[str, str],
+    tmp: Path,
+    name: str,
+    model: str = MODEL,
+    status_to: Path | None = None,
 ) -> Iterator[tuple[Side, Side]]:
-    """One fleet, measured through both doors: the router and the model's direct path."""
+    """One fleet, measured through both doors: the router and the model's direct path.
+    With ``status_to``, ``serve status`` is written there once the measuring is done."""
     port = free_port()
     config = {**config, "http_options": {**config["http_options"], "port": port}}
     path = tmp / f"serve_config.{name}.yaml"
@@ -271,11 +329,13 @@ def fleet_server(
     process = launcher.start(str(path), stdout=log, stderr=log, cwd=str(REPO), env=env)
     base = f"http://127.0.0.1:{port}"
     routed = Side(name, base, process)
-    direct = Side(f"{name} direct", f"{base}/m/{MODEL}", process, seed_offset=50)
+    direct = Side(f"{name} direct", f"{base}/m/{model}", process, seed_offset=50)
     try:
-        wait_ready(routed.url, process)
-        wait_ready(direct.url, process)
+        wait_ready(routed.url, process, model)
+        wait_ready(direct.url, process, model)
         yield routed, direct
+        if status_to is not None:
+            status_to.write_text(serve_status(env))
     finally:
         launcher.stop(process)
         log.close()
@@ -321,61 +381,72 @@ def main() -> None:
     parser.add_argument("--min-prompts", type=int, default=8)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,...")
     parser.add_argument("--no-default-fleet", action="store_true")
+    parser.add_argument("--config", type=Path, default=LOCAL_CONFIG, help="serve config")
+    parser.add_argument("--model", default=MODEL, help="the config's model to measure")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--status-to", type=Path, help="write the first fleet's serve status")
     args = parser.parse_args()
 
-    model_path = embedded.prepare(MODEL)
-    config, model_cfg = model_settings()
+    config, model_cfg = model_settings(args.config, args.model)
+    model_path = model_path_of(model_cfg)
     base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     variants = [] if args.no_default_fleet else [("llm-fleet", {})]
     variants += [parse_variant(v) for v in args.variant]
     tmp = Path(tempfile.mkdtemp(prefix="llm-fleet-bench-"))
     started = time.time()
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    out = args.results_dir / time.strftime("serve-%Y%m%d-%H%M%S.json", time.localtime(started))
 
     bare_log = (tmp / "bare.log").open("wb")
     port = free_port()
     bare_process = subprocess.Popen(
-        bare_command(model_path, model_cfg["engine_args"], port),
+        bare_command(model_path, model_cfg, port),
         stdout=bare_log,
         stderr=bare_log,
         env={**base_env, **model_cfg.get("env", {})},
     )
     bare = Side("bare vLLM", f"http://127.0.0.1:{port}", bare_process)
     fleets: list[Side] = []
+
+    def save() -> None:  # after every round: a run cut short keeps what it measured
+        record = {
+            "model": args.model,
+            "hardware": hardware(),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "engine_args": model_cfg.get("engine_args", {}),
+            "variants": {name: env for name, env in variants},
+            "bare": bare.results,
+            "fleets": {f.name: f.results for f in fleets},
+            "logs": str(tmp),
+        }
+        out.write_text(json.dumps(record, indent=2))
+
     try:
-        wait_ready(bare.url, bare_process)
+        wait_ready(bare.url, bare_process, args.model)
         for number, (name, settings) in enumerate(variants):
             variant_config, env = apply_variant(config, settings)
-            with fleet_server(variant_config, {**base_env, **env}, tmp, name) as doors:
+            status_to = args.status_to if number == 0 else None
+            with fleet_server(
+                variant_config, {**base_env, **env}, tmp, name, args.model, status_to
+            ) as doors:
+                fleets += doors
                 for round_no in range(args.rounds):
                     seed = 1000 * number + 100 * round_no
                     measure([bare, *doors], model_path, args, round_no, seed, number)
-                fleets += doors
+                    save()
     finally:
         bare_process.terminate()
         bare_process.wait(timeout=60)
         bare_log.close()
 
     print(
-        f"model {MODEL} on {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"model {args.model} on {hardware()}, "
         f"random dataset {args.input_len} in / {args.output_len} out, ignore_eos, "
         f"{args.rounds} alternating rounds, medians; logs in {tmp}"
     )
     print_table(bare, fleets)
     print_cpu([bare, *fleets])
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / time.strftime("serve-%Y%m%d-%H%M%S.json", time.localtime(started))
-    out.write_text(
-        json.dumps(
-            {
-                "model": MODEL,
-                "args": vars(args),
-                "variants": {name: env for name, env in variants},
-                "bare": bare.results,
-                "fleets": {f.name: f.results for f in fleets},
-            },
-            indent=2,
-        )
-    )
+    save()
     print(f"raw results: {out}")
 
 

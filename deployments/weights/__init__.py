@@ -7,6 +7,8 @@
 
 Every form gets the same file-type policy (``integrity.py``): safetensors only unless
 the model sets ``allow_pickle``. Remote forms are verified before the engine starts.
+A local folder for vLLM's ``load_format: dummy`` (random weights, for load tests and
+benchmarks of a model's shape) needs its ``config.json`` and tokenizer alone.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def resolve_weights(model: ModelConfig) -> Path:
         folder = Path(source.location)
         if not (folder / "config.json").is_file():
             raise ModelPreparationError(f"{folder} holds no model (config.json is missing)")
+        if model.engine_args.get("load_format") == "dummy":
+            return folder
         names = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
         check_file_types(names, allow_pickle=policy.allow_pickle, source=str(folder))
         return folder
