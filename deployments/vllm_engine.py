@@ -4,6 +4,9 @@ This is the only module of llm-fleet that imports vLLM: its internal paths move
 between releases, so a vLLM upgrade touches this file alone. Chat templates,
 sampling parameters, stop, n, logprobs, response_format and tools are all vLLM's
 code (``OpenAIServingChat`` / ``OpenAIServingCompletion``), not ours.
+
+Supported: vLLM 0.26.0 to 0.32.0 (``make test`` runs 0.32.0, ``make test-vllm026``
+0.26.0). Where a path moved between them, the 0.32 one is tried first.
 """
 
 from __future__ import annotations
@@ -72,21 +75,35 @@ def _validation_reply(exc: ValidationError) -> Reply:
     )
 
 
+# The request fields that hold the output budget (a CompletionRequest has only the first).
+_BUDGET_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
 def _enforce_context_length(serving: Any, render_name: str, max_model_len: int) -> None:
     """Reject prompt + max_tokens over the context, as the OpenAI API does.
 
-    vLLM silently shrinks ``max_tokens`` to the room left. We wrap the serving
-    object's render step, which already holds the prompt's token ids, so the check
-    costs no second tokenization; an ErrorResponse is a value that step may return.
+    vLLM 0.32 silently shrinks ``max_tokens`` to the room left; vLLM 0.26 refuses, but
+    blames the prompt (``param`` ``input_tokens`` or ``input_text``). We wrap the
+    serving object's render step, which already holds the prompt's token ids, so the
+    check costs no second tokenization; an ErrorResponse is a value that step may
+    return. The step renders without the budget, so that either version holds the
+    prompt alone to the context and the check below names ``max_tokens``.
     """
     render = getattr(serving, render_name)
 
     async def render_checked(request: Any) -> Any:
-        result = await render(request)
+        wanted = getattr(request, "max_completion_tokens", None) or request.max_tokens
+        budget = {name: getattr(request, name) for name in _BUDGET_FIELDS if hasattr(request, name)}
+        for name in budget:
+            setattr(request, name, None)
+        try:
+            result = await render(request)
+        finally:
+            for name, value in budget.items():
+                setattr(request, name, value)
         if not isinstance(result, tuple | list):
             return result  # an ErrorResponse already
         inputs = result[1] if isinstance(result, tuple) else result
-        wanted = getattr(request, "max_completion_tokens", None) or request.max_tokens
         if wanted is None:
             return result
         for engine_input in inputs:
@@ -136,10 +153,15 @@ class VLLMEngine:
     async def start(self) -> EngineInfo:
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.cli_args import FrontendArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        try:
+            from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+            from vllm.entrypoints.launchers.cli_args import FrontendArgs
+        except ImportError:  # vLLM 0.26
+            from vllm.entrypoints.openai.api_server import init_app_state
+            from vllm.entrypoints.openai.cli_args import FrontendArgs  # type: ignore[no-redef]
 
         kwargs = engine_kwargs(self._model, self._model_path)
         engine_args = AsyncEngineArgs(**kwargs)
@@ -172,10 +194,18 @@ class VLLMEngine:
     async def generate(
         self, route: Route, body: dict[str, Any], request_id: str
     ) -> AsyncIterator[str | Reply]:
+        from vllm import exceptions
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.exceptions import VLLMClientError
+
+        try:
+            from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        except ImportError:  # vLLM 0.26
+            from vllm.entrypoints.openai.engine.protocol import (  # type: ignore[no-redef]
+                ErrorResponse,
+            )
+        # vLLM 0.26 has no VLLMClientError: its client errors are ValueErrors.
+        client_error = getattr(exceptions, "VLLMClientError", ValueError)
 
         serving = self._chat if route == "chat" else self._completion
         if serving is None:
@@ -199,8 +229,8 @@ class VLLMEngine:
         create = serving.create_chat_completion if route == "chat" else serving.create_completion
         try:
             result = await create(request, raw_request=None)
-        except (ValueError, VLLMClientError) as exc:
-            # vLLM maps its client errors (e.g. max_tokens over max_model_len) to a status.
+        except (ValueError, client_error) as exc:
+            # vLLM maps its client errors (e.g. an invalid sampling parameter) to a status.
             yield _error_reply(serving.create_error_response(exc))
             return
         if isinstance(result, ErrorResponse):
@@ -217,7 +247,11 @@ class VLLMEngine:
         await self._client.check_health()
 
     async def num_unfinished_requests(self) -> int:
-        return 0 if self._client is None else int(self._client.get_num_unfinished_requests())
+        if self._client is None:
+            return 0
+        # AsyncLLM's own method (0.32) only forwards here; vLLM 0.26 lacks it.
+        processor: Any = self._client.output_processor
+        return int(processor.get_num_unfinished_requests())
 
     async def shutdown(self) -> None:
         if self._client is not None:

@@ -122,9 +122,18 @@ def env_report(out: Path) -> dict[str, Any]:
     smi = run(["nvidia-smi"]) if _has("nvidia-smi") else "no nvidia-smi (CPU)"
     (out / "env.txt").write_text(f"python {sys.version}\n{platform.platform()}\n\n{smi}\n")
     query = ["--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    ray_gpus = run(
+        [
+            sys.executable,
+            "-c",
+            "from ray._private.accelerators import get_accelerator_manager_for_resource as m; "
+            "print(m('GPU').get_current_node_num_accelerators())",
+        ]
+    )
     return {
         "python": platform.python_version(),
         "versions": versions,
+        "gpus_ray_sees": ray_gpus.splitlines()[-1] if ray_gpus else None,
         "gpu": run(["nvidia-smi", *query]) if _has("nvidia-smi") else None,
     }
 
@@ -279,8 +288,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--deadline-s", type=float, default=480, help="for all steps")
-    parser.add_argument("--embedded-s", type=float, default=110, help="kept for step 4")
+    parser.add_argument("--deadline-s", type=float, default=490, help="for all steps")
+    parser.add_argument("--embedded-s", type=float, default=100, help="kept for step 4")
     parser.add_argument("--rehearse-cpu", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
