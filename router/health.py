@@ -20,7 +20,6 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from deployments.config import ModelConfig
-from deployments.errors import ModelNotReadyError
 from router.model_status import ModelStatus, ModelStatusSource
 
 
@@ -73,21 +72,3 @@ def add_health_routes(
         ok = is_ready(models, statuses)
         body = {"status": "ready" if ok else "not_ready", "models": _models_body(models, statuses)}
         return JSONResponse(body, status_code=200 if ok else 503)
-
-
-async def admit(model: ModelConfig, source: ModelStatusSource) -> None:
-    """Return when ``model`` can take a request; else raise ModelNotReadyError (503).
-
-    Unknown status (before the first read) lets the request through to Serve.
-    """
-    status = source.status(model.id)
-    if status is None or status.state == "ready":
-        return
-    policy = model.unavailable
-    if status.state != "failed":
-        source.wake(model.id)
-        if policy.action == "queue":
-            status = await source.wait_ready(model.id, policy.queue_timeout_s)
-            if status is None or status.state == "ready":
-                return
-    raise ModelNotReadyError(model.id, status.state, policy.retry_after_s)

@@ -131,6 +131,11 @@ class RayRouterMetrics:
             description="Frames the engine sent for a request after its client had left.",
             tag_keys=("model",),
         )
+        self._declare_model_gauges(Gauge)
+        self._flying: Tally[str] = Tally()
+
+    def _declare_model_gauges(self, Gauge: Any) -> None:
+        """The gauges of each model's state, set from the status board."""
         self._ready = Gauge(
             "llm_fleet_model_ready", description="1 when a replica is running.", tag_keys=("model",)
         )
@@ -145,7 +150,6 @@ class RayRouterMetrics:
         self._max = Gauge(
             "llm_fleet_model_max_replicas", description="Configured ceiling.", tag_keys=("model",)
         )
-        self._flying: Tally[str] = Tally()
 
     def request_dispatched(self, record: RequestRecord) -> None:
         self._flying[record.model] += 1

@@ -1,4 +1,5 @@
-"""What the router itself checks of a request before routing it.
+"""What the router itself checks of a request before routing it: the body is JSON
+(:func:`read_json`), and its OpenAI fields (:func:`parse_request`).
 
 Only what routing and limits need: the model name, the stream flags, the token
 fields, the presence of ``messages`` / ``prompt``, and each message's ``role`` (one of
@@ -9,8 +10,10 @@ which answers 400 in the same error shape.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
+from fastapi import Request
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,7 +26,38 @@ from pydantic import (
     field_validator,
 )
 
-from deployments.errors import BadRequestError
+from deployments.errors import BadRequestError, RequestTooLargeError, UnsupportedMediaTypeError
+
+
+def _is_json(content_type: str | None) -> bool:
+    """A body's declared type is JSON (``application/json``, any ``+json``), or none is
+    declared (clients that send none mean JSON; there is nothing else to mean)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return not media or media == "application/json" or media.endswith("+json")
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The body as JSON. Another declared Content-Type is a 415, before the body is read:
+    a form or text body is not guessed at (``curl -d`` without ``-H 'Content-Type:
+    application/json'`` sends a form). Over ``max_bytes``: 413, declared or read."""
+    if not _is_json(request.headers.get("content-type")):
+        raise UnsupportedMediaTypeError(
+            "The request body must be JSON: send it with 'Content-Type: application/json'."
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise RequestTooLargeError(f"Request body exceeds {max_bytes} bytes.")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > max_bytes:
+            raise RequestTooLargeError(f"Request body exceeds {max_bytes} bytes.")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequestError(
+            f"The request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
 
 
 class StreamOptions(BaseModel):

@@ -12,8 +12,9 @@ import yaml
 from pydantic import BaseModel
 
 from deployments import config as config_module
+from deployments import fleet_settings
 from deployments.builder import load_config
-from deployments.config import FleetConfig
+from deployments.config import FleetConfig, RouterConfig
 from deployments.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,16 +68,19 @@ def test_unknown_key_is_rejected_with_its_path(args: dict[str, Any], path: str) 
 
 
 def _schema_classes() -> list[type[BaseModel]]:
+    """Every schema class, in both modules the schema spans."""
+    modules = (config_module, fleet_settings)
     return [
         cls
-        for _, cls in inspect.getmembers(config_module, inspect.isclass)
-        if issubclass(cls, BaseModel) and cls.__module__ == config_module.__name__
+        for module in modules
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, BaseModel) and cls.__module__ == module.__name__
     ]
 
 
 def test_every_field_of_every_schema_class_has_a_description() -> None:
     classes = _schema_classes()
-    assert FleetConfig in classes and len(classes) >= 6
+    assert FleetConfig in classes and RouterConfig in classes and len(classes) >= 10
     missing = [
         f"{cls.__name__}.{name}"
         for cls in classes

@@ -1,0 +1,214 @@
+"""The request pipeline: one chat or completions request, from its HTTP body to the
+engine's answer, as named steps in the order they run (:meth:`Pipeline.run`):
+
+1. ``authenticate``: the caller's API key (``router/auth.py``), or 401;
+2. ``read_json`` and ``parse_request``: the body, size-capped, and the OpenAI fields the
+   router checks (``router/protocol.py``), or 400/413/415;
+3. ``resolve_model``: the model, if the fleet serves it and the key may use it
+   (the allowlist), or 404;
+4. ``apply_request_limits``: the caps on fields that multiply work and the output
+   token budget (``router/limits.py``), or 400;
+5. ``hold.take``: the key's quota, rpm, tpm and concurrency (``router/quota.py``), or 429;
+6. ``await_readiness``: the model can take a request (``router/readiness.py``), or 503;
+7. ``forward``: the model deployment's stream (``router/model_client.py``) and its first
+   item, watched for the client leaving, the model going down and the deadline;
+8. ``whole_answer`` (one JSON body) or ``stream_response`` (SSE, ``router/relay.py``).
+
+:meth:`Pipeline.handle` wraps the steps: it owns the request's record (metrics, the
+access line) and its key's hold, and closes both out once however the request ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from deployments.config import FleetConfig, ModelConfig
+from deployments.engine import Reply, Route
+from deployments.errors import (
+    APIError,
+    InternalServerError,
+    ModelNotFoundError,
+    api_error_from_status,
+)
+from router.accounting import RequestRecord, log_request, uninterrupted
+from router.auth import KeyRing, Principal
+from router.errors import error_response
+from router.guards import ClientDisconnected, Deadline, unless_disconnected
+from router.limits import apply_token_limits, check_request_limits, output_budget
+from router.metrics import RouterMetrics
+from router.model_client import ModelClient
+from router.model_status import ModelStatusSource
+from router.protocol import parse_request, read_json
+from router.quota import LimitBackend, QuotaHold
+from router.readiness import await_readiness, watch_readiness
+from router.relay import Finish, stream_response
+from router.request_id import request_id_of
+from router.sse import UsageTap, ask_for_usage
+
+logger = logging.getLogger("llm_fleet.router.pipeline")
+
+
+class Pipeline:
+    """The steps above over one fleet's models, keys, quota backend and status board."""
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        clients: Mapping[str, ModelClient],
+        *,
+        source: ModelStatusSource,
+        recorder: RouterMetrics,
+        quota: LimitBackend,
+        keys: KeyRing | None,
+    ) -> None:
+        self.config, self.clients = config, clients
+        self.models: dict[str, ModelConfig] = {m.id: m for m in config.models if m.id in clients}
+        self.source, self.recorder, self.quota, self.keys = source, recorder, quota, keys
+
+    def authenticate(self, request: Request) -> Principal | None:
+        """The request's principal; with keys, none is a 401. Without keys: None."""
+        if self.keys is None:
+            return None
+        return self.keys.require(request.headers.get("authorization"))
+
+    def visible(self, principal: Principal | None) -> dict[str, ModelConfig]:
+        """The models ``principal`` may use (all of them without keys)."""
+        if principal is None:
+            return self.models
+        return {m_id: m for m_id, m in self.models.items() if principal.may_use(m_id)}
+
+    def resolve_model(self, principal: Principal | None, model_id: str) -> ModelConfig:
+        """The model asked for; one the key may not use is as unknown as a missing one."""
+        model = self.visible(principal).get(model_id)
+        if model is None:
+            raise ModelNotFoundError(model_id)
+        return model
+
+    @staticmethod
+    def apply_request_limits(
+        route: Route, body: dict[str, Any], model: ModelConfig, principal: Principal | None
+    ) -> dict[str, Any]:
+        """The model's caps checked, and the body with its output budget settled."""
+        check_request_limits(route, body, model.limits)
+        key_cap = principal.limits.max_tokens if principal is not None else None
+        return apply_token_limits(route, body, model.limits, key_cap)
+
+    def finisher(self, hold: QuotaHold) -> Finish:
+        """Finish a record once: metrics, the access line, and its key's quota released."""
+
+        async def finish(record: RequestRecord) -> None:
+            if record.finished_at is not None:
+                return
+            record.finish()  # first, and with no await before: finished exactly once
+            self.recorder.request_finished(record)
+            log_request(record)
+            await uninterrupted(hold.release(record.tokens_used))
+
+        return finish
+
+    async def handle(self, route: Route, request: Request) -> Response:
+        """One request, start to end: the one place its record and key hold are closed
+        out, on every way it can end (an answer, an error, the client leaving before the
+        answer or Serve cancelling the task), except a stream handed to its relay, which
+        closes itself out when it ends (``router/relay.py``)."""
+        record = RequestRecord(request_id=request_id_of(request.scope), endpoint=route)
+        hold = QuotaHold(self.quota, None)
+        finish = self.finisher(hold)
+        handed_to_relay = False
+        try:
+            hold.principal = self.authenticate(request)
+            record.key = hold.principal.id if hold.principal is not None else None
+            response, handed_to_relay = await self.run(route, request, record, hold, finish)
+            if not handed_to_relay:
+                record.status = response.status_code
+            return response
+        except ClientDisconnected:
+            logger.info("request %s: client disconnected before the answer", record.request_id)
+            record.disconnected, record.status = True, 499
+            return Response(status_code=499)
+        except APIError as err:
+            record.failed(err)
+            if record.engine_s is not None:
+                response = error_response(err, record.request_id)
+                response.headers["Server-Timing"] = record.server_timing()
+                return response
+            raise
+        except asyncio.CancelledError:
+            # Serve cancels the request's task when its client leaves.
+            record.disconnected, record.status = True, 499
+            raise
+        except Exception:
+            record.status = 500
+            raise
+        finally:
+            if not handed_to_relay:
+                await uninterrupted(finish(record))
+
+    async def run(
+        self, route: Route, request: Request, record: RequestRecord, hold: QuotaHold, finish: Finish
+    ) -> tuple[Response, bool]:
+        """Steps 2 to 8 (the module docstring). Returns the response, and whether it is a
+        stream that finishes its own record when it ends."""
+        deadline = Deadline(self.config.router.request_timeout_s)
+        body = await read_json(request, self.config.router.max_request_bytes)
+        parsed = parse_request(route, body)
+        model = self.resolve_model(hold.principal, parsed.model)
+        record.model, record.stream = model.id, bool(parsed.stream)
+        body = self.apply_request_limits(route, body, model, hold.principal)
+        await hold.take(output_budget(route, body))
+        await unless_disconnected(request, await_readiness(model, self.source))
+        body, drop_usage = ask_for_usage(body)
+        stream, first = await self.forward(request, route, model, body, record, deadline)
+        if isinstance(first, Reply):
+            return await self.whole_answer(first, stream, record), False
+        tap = UsageTap(drop_usage)
+        return stream_response(first, stream, record, tap, finish, deadline), True
+
+    async def forward(
+        self,
+        request: Request,
+        route: Route,
+        model: ModelConfig,
+        body: dict[str, Any],
+        record: RequestRecord,
+        deadline: Deadline,
+    ) -> tuple[AsyncIterator[str | Reply], str | Reply]:
+        """Send the request to the model; its stream and first item (a whole answer is
+        one item), awaited while the client stays, the model stays up and time is left."""
+        record.dispatched()
+        self.recorder.request_dispatched(record)
+        stream = self.clients[model.id].stream(route, body, record.request_id)
+        first_item = deadline.within(anext(stream))
+        try:
+            first = await unless_disconnected(
+                request, first_item, watch_readiness(model, self.source)
+            )
+        except StopAsyncIteration:
+            raise InternalServerError(f"model {model.id} returned nothing") from None
+        record.replied_at = time.perf_counter()
+        return stream, first
+
+    @staticmethod
+    async def whole_answer(
+        reply: Reply, stream: AsyncIterator[str | Reply], record: RequestRecord
+    ) -> Response:
+        """A non-streamed answer as JSON; an engine error as the matching APIError."""
+        await stream.aclose()  # type: ignore[attr-defined]
+        record.engine_s = reply.engine_s
+        if not reply.ok:
+            error = reply.body.get("error", {})
+            raise api_error_from_status(
+                reply.status,
+                str(error.get("message", "request failed")),
+                param=error.get("param"),
+            )
+        record.usage(reply.body.get("usage"))
+        headers = {"Server-Timing": record.server_timing()}
+        return JSONResponse(reply.body, status_code=reply.status, headers=headers)
