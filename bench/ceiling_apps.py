@@ -23,9 +23,9 @@ from starlette.responses import StreamingResponse
 from deployments.builder import direct_model_config, load_config
 from deployments.config import ModelConfig
 from deployments.engine import Reply
-from deployments.fake_engine import FakeEngine
 from router.builder import build_direct as build_real_direct
 from router.builder import build_fleet as build_real_fleet
+from tests.fake_engine import FakeEngine
 
 
 def zero_cost_engine(model: ModelConfig, path: Path) -> FakeEngine:

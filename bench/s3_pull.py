@@ -34,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deployments import embedded  # noqa: E402
+from deployments.weights import embedded  # noqa: E402
 from deployments.weights.cache import LoadPolicy, fetch_to_cache  # noqa: E402
 from deployments.weights.s3_store import S3Store, _transfer_config  # noqa: E402
 from deployments.weights.sources import parse_source  # noqa: E402

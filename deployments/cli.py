@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from deployments import embedded, keys
+from deployments import keys
 from deployments.builder import (
     ENV_KEYS_FILE,
     direct_app_name,
@@ -39,6 +39,7 @@ from deployments.builder import (
     load_config,
 )
 from deployments.errors import ConfigError, ModelPreparationError
+from deployments.weights import embedded
 from deployments.weights.commands import add_parser as add_weights_commands
 
 APP_IMPORT_PATH = "router.builder:build_app"

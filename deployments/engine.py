@@ -11,7 +11,7 @@ what comes back is an async stream of items:
 Plain ``str`` and a small dataclass cross the Ray handle cheaply. Cancelling the
 stream (the router does that when its client disconnects) aborts the generation.
 The real engine (``deployments/vllm_engine.py``) and the fake one
-(``deployments/fake_engine.py``) both pass ``tests/contract``.
+(``tests/fake_engine.py``) both pass ``tests/contract``.
 """
 
 from __future__ import annotations

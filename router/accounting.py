@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.engine import Route
-from deployments.errors import APIError
+from router.api_errors import APIError
 
 access_logger = logging.getLogger("llm_fleet.access")
 logger = logging.getLogger("llm_fleet.router")

@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import FleetConfig
-from deployments.errors import APIError, BadRequestError, InternalServerError
+from router.api_errors import APIError, BadRequestError, InternalServerError
 from router.auth import KeyRing
 from router.errors import error_response
 from router.health import add_health_routes

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments.config import FleetConfig
-from deployments.errors import AuthenticationError, ConfigError
+from deployments.errors import ConfigError
 from deployments.keys import ALL_MODELS, KEY_PREFIX, KeyEntry, hash_key, load_keys
+from router.api_errors import AuthenticationError
 
 logger = logging.getLogger("llm_fleet.auth")
 # Longer than any key we issue, short enough that hashing it costs nothing.

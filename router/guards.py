@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from deployments.errors import RequestTimeoutError
+from router.api_errors import RequestTimeoutError
 
 T = TypeVar("T")
 

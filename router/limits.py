@@ -28,7 +28,7 @@ from typing import Any
 
 from deployments.config import RequestLimits
 from deployments.engine import Route
-from deployments.errors import RequestLimitError, TokenLimitError
+from router.api_errors import RequestLimitError, TokenLimitError
 
 # The fields the engine reads as the output budget, per route (parse_request typed them).
 _TOKEN_FIELDS: dict[Route, tuple[str, ...]] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deployments.errors import HeadersTooLargeError
+from router.api_errors import HeadersTooLargeError
 from router.errors import error_response
 from router.request_id import request_id_of
 

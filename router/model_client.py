@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from deployments.engine import Reply, Route
-from deployments.errors import InternalServerError, ServiceUnavailableError
+from router.api_errors import InternalServerError, ServiceUnavailableError
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator

@@ -31,13 +31,13 @@ from fastapi.responses import JSONResponse, Response
 
 from deployments.config import FleetConfig, ModelConfig
 from deployments.engine import Reply, Route
-from deployments.errors import (
+from router.accounting import RequestRecord, log_request, uninterrupted
+from router.api_errors import (
     APIError,
     InternalServerError,
     ModelNotFoundError,
     api_error_from_status,
 )
-from router.accounting import RequestRecord, log_request, uninterrupted
 from router.auth import KeyRing, Principal
 from router.errors import error_response
 from router.guards import ClientDisconnected, Deadline, unless_disconnected

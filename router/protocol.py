@@ -26,7 +26,7 @@ from pydantic import (
     field_validator,
 )
 
-from deployments.errors import BadRequestError, RequestTooLargeError, UnsupportedMediaTypeError
+from router.api_errors import BadRequestError, RequestTooLargeError, UnsupportedMediaTypeError
 
 
 def _is_json(content_type: str | None) -> bool:

@@ -43,8 +43,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from deployments.errors import QuotaExceededError, QuotaLimit
 from router.accounting import in_background
+from router.api_errors import QuotaExceededError, QuotaLimit
 from router.auth import Principal
 
 WINDOW_S = 60.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from deployments.config import ModelConfig
-from deployments.errors import ModelNotReadyError
+from router.api_errors import ModelNotReadyError
 from router.model_status import ModelStatusSource
 
 # How often a request waiting for its first item looks at its model's status (memory).

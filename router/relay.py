@@ -18,8 +18,8 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from deployments.engine import Reply
-from deployments.errors import APIError, InternalServerError
 from router.accounting import RequestRecord, uninterrupted
+from router.api_errors import APIError, InternalServerError
 from router.errors import error_frame
 from router.guards import Deadline
 from router.sse import DONE_FRAME, SSE_HEADERS, UsageTap

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from deployments.errors import ModelNotFoundError
+from router.api_errors import ModelNotFoundError
 from router.pipeline import Pipeline
 
 MetricsText = Callable[[], Awaitable[str]]

@@ -23,12 +23,12 @@ from starlette.types import Message
 
 from deployments.config import FleetConfig
 from deployments.engine import Reply, Route
-from deployments.fake_engine import FakeEngine
 from router.accounting import RequestRecord
 from router.app import MetricsText, create_app
 from router.auth import KeyRing
 from router.model_status import ModelStatus, State
 from router.quota import LimitBackend
+from tests.fake_engine import FakeEngine
 
 CHAT_MODEL = "smollm2-135m-instruct"
 COMPLETIONS_MODEL = "gemma-3-270m"

@@ -1,6 +1,6 @@
 """Weight sources: turn a model's ``source`` into a verified local folder vLLM loads.
 
-- ``embedded://<id>``: converted once into the model store (``deployments/embedded.py``);
+- ``embedded://<id>``: converted once into the model store (``deployments/weights/embedded.py``);
 - a local folder (``/abs/path`` or ``file:///abs/path``): used in place;
 - ``s3://bucket/prefix``: ``s3_store.py``, into the node cache (``cache.py``);
 - ``hf://org/name@revision``: ``hf_store.py`` through ``HF_ENDPOINT``, into the node cache.
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deployments import embedded
 from deployments.config import ModelConfig
 from deployments.errors import ModelPreparationError
+from deployments.weights import embedded
 from deployments.weights.cache import LoadPolicy, WeightStore, fetch_to_cache
 from deployments.weights.integrity import check_file_types
 from deployments.weights.sources import Source, parse_source

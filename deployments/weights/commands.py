@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deployments import embedded
 from deployments.errors import ConfigError, ModelPreparationError
-from deployments.weights import store_for
+from deployments.weights import embedded, store_for
 from deployments.weights.cache import (
     LoadPolicy,
     Progress,

@@ -55,7 +55,8 @@ sys.path.insert(0, str(HERE))
 from build_kit import DUMMY_MODEL_CONFIG, DUMMY_MODEL_ID, TOKENIZER_FILES  # noqa: E402
 
 from bench import serve_bench  # noqa: E402
-from deployments import embedded, launcher  # noqa: E402
+from deployments import launcher  # noqa: E402
+from deployments.weights import embedded  # noqa: E402
 
 EMBEDDED = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France? Answer in one word."
@@ -249,7 +250,7 @@ def ask_embedded(
 
 
 def convert_embedded(logs: Path) -> subprocess.Popen[bytes]:
-    code = f"from deployments import embedded; print(embedded.prepare({EMBEDDED!r}))"
+    code = f"from deployments.weights import embedded; print(embedded.prepare({EMBEDDED!r}))"
     log = (logs / "convert.log").open("wb")
     return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log, cwd=REPO)
 

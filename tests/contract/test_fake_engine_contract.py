@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from deployments.engine import Reply, Route
-from deployments.fake_engine import FakeEngine
 from tests.contract.engine_contract import (
     CHAT_CHECKS,
     COMPLETIONS_CHECKS,
@@ -21,6 +20,7 @@ from tests.contract.engine_contract import (
     check_context_overflow_is_400,
     check_include_usage,
 )
+from tests.fake_engine import FakeEngine
 
 CHAT_MODEL = "smollm2-135m-instruct"
 COMPLETIONS_MODEL = "gemma-3-270m"

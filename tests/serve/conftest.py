@@ -23,7 +23,8 @@ import httpx
 import pytest
 import yaml
 
-from deployments import embedded, launcher
+from deployments import launcher
+from deployments.weights import embedded
 from deployments.weights.s3_store import S3Store
 from deployments.weights.sources import parse_source
 from tests.weights.hfmirror import Mirror, make_mirror_repo, start_mirror

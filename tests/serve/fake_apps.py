@@ -20,8 +20,8 @@ from ray.serve import Application
 from deployments.builder import load_config
 from deployments.config import ModelConfig
 from deployments.engine import EngineInfo
-from deployments.fake_engine import FakeEngine
 from router.builder import build_fleet as build_real_fleet
+from tests.fake_engine import FakeEngine
 
 
 class SlowFakeEngine(FakeEngine):

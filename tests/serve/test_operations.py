@@ -71,12 +71,13 @@ def test_readiness_went_from_503_to_200_while_the_models_loaded(fleet: Fleet) ->
 
 def test_a_loading_model_answered_503_with_retry_after_at_once(fleet: Fleet) -> None:
     """While six engines start on two cores, the proxy and router are starved too: the
-    typical 503 must take well under a second, and none may wait for the model."""
+    typical 503 must take well under a second, and none may wait for the model (which
+    loads for a minute or more; a probe on a box busy with other work was seen at 5.9 s)."""
     probes = fleet.startup.loading_probes
     assert probes, "no request reached the router while SmolLM2 was loading"
     times = sorted(elapsed for elapsed, *_ in probes)
     assert times[len(times) // 2] < 1.0, times
-    assert times[-1] < 5.0, times
+    assert times[-1] < 10.0, times
     for _, status, retry_after, body in probes:
         assert status == 503
         assert retry_after == "15"  # the default unavailable.retry_after_s

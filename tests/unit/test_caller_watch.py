@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from deployments.caller_watch import CallerWatch
-from deployments.fake_engine import FakeEngine
+from tests.fake_engine import FakeEngine
 
 # ignore_eos: the fake repeats its words until max_tokens, as a long answer would.
 CHAT = {

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments import embedded
 from deployments.cli import main
+from deployments.weights import embedded
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = str(REPO / "serve_config.local.yaml")

@@ -10,7 +10,7 @@ import pytest
 
 from deployments.config import ModelConfig
 from deployments.engine import Reply, Route
-from deployments.fake_engine import COMPLETION_DEFAULT_MAX_TOKENS, FakeEngine
+from tests.fake_engine import COMPLETION_DEFAULT_MAX_TOKENS, FakeEngine
 
 
 def answer(engine: FakeEngine, route: Route, body: dict[str, Any]) -> Reply:

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from deployments.engine import Reply
-from deployments.fake_engine import FakeEngine
 from deployments.frame_coalescing import coalesce_frames, split_frames
 from router.accounting import RequestRecord
 from router.sse import DONE_FRAME, UsageTap
+from tests.fake_engine import FakeEngine
 
 
 def frame(n: int) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from deployments.errors import InternalServerError, ServiceUnavailableError
+from router.api_errors import InternalServerError, ServiceUnavailableError
 from router.model_client import HandleModelClient
 
 

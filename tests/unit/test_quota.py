@@ -287,14 +287,16 @@ def test_a_stream_is_charged_its_usage_even_when_the_client_did_not_ask(tmp_path
 
 async def _long_stream_then_leave(fleet: Fleet, headers: dict[str, str]) -> None:
     prompt = " ".join(["w"] * 60)
+    # 60 tokens take 3 s (token_delay_s 0.05): leaving after 1 s cuts the stream, and
+    # leaves time for a few frames however busy the machine is.
     body = {"model": COMPLETIONS_MODEL, "prompt": prompt, "stream": True, "max_tokens": 60}
-    await post_then_leave(fleet.app, COMPLETIONS_PATH, body, leave_after_s=0.4, headers=headers)
+    await post_then_leave(fleet.app, COMPLETIONS_PATH, body, leave_after_s=1.0, headers=headers)
 
 
 def test_a_disconnect_charges_what_was_generated_before_it(tmp_path: Path) -> None:
     limits = RecordingLimits()
     fleet, limited, _ = keyed_fleet(
-        tmp_path, {"tpm": 5, "concurrency": 1}, limits=limits, token_delay_s=0.02
+        tmp_path, {"tpm": 5, "concurrency": 1}, limits=limits, token_delay_s=0.05
     )
     run(_long_stream_then_leave(fleet, limited))
     [(_, charged)] = limits.released

@@ -21,11 +21,11 @@ import pytest
 from starlette.types import Message
 
 from deployments.engine import Reply, Route
-from deployments.fake_engine import FakeEngine
 from deployments.keys import create_key
 from router.accounting import RequestRecord
 from router.auth import KeyRing, Principal
 from router.quota import LOCAL_HOLDER, Admission, LocalLimits
+from tests.fake_engine import FakeEngine
 from tests.fakes import (
     CHAT_MODEL,
     MAX_MODEL_LEN,

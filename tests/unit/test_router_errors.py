@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deployments.engine import Reply, Route
-from deployments.errors import InternalServerError, ServiceUnavailableError
+from router.api_errors import InternalServerError, ServiceUnavailableError
 from router.app import create_app
 from tests.fakes import (
     CHAT_MODEL,

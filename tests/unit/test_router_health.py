@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deployments.engine import Reply, Route
-from deployments.fake_engine import FakeEngine
 from router.model_status import State
+from tests.fake_engine import FakeEngine
 from tests.fakes import (
     CHAT_MODEL,
     COMPLETIONS_MODEL,

@@ -17,9 +17,8 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from deployments import embedded
 from deployments.errors import ConfigError, ModelPreparationError
-from deployments.weights import resolve_weights
+from deployments.weights import embedded, resolve_weights
 from deployments.weights.cache import CACHE_ENV, LoadPolicy, fetch_to_cache, recorded_digests
 from deployments.weights.hf_store import HFStore
 from deployments.weights.integrity import MANIFEST_NAME, file_digest, write_manifest

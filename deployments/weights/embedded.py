@@ -26,10 +26,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployments.build_once import build_once
 from deployments.errors import ModelPreparationError
+from deployments.weights.build_once import build_once
 
-logger = logging.getLogger("llm_fleet.deployments.embedded")
+logger = logging.getLogger("llm_fleet.deployments.weights.embedded")
 
 MODEL_STORE_ENV = "LLM_FLEET_MODEL_STORE"
 MARKER_FILE = ".llm-fleet-embedded.json"

@@ -1,0 +1,211 @@
+"""The errors of a request: each carries its HTTP status and the OpenAI error fields.
+
+::
+
+    APIError                         a request failed; carries the HTTP status and the
+    │                                OpenAI error fields (type, code, param)
+    ├── BadRequestError              400 invalid_request_error
+    │   ├── TokenLimitError          400 max_tokens over a limit, or over the context
+    │   └── RequestLimitError        400 a field that multiplies work over its cap (n, ...)
+    ├── AuthenticationError          401 missing, malformed, unknown or revoked API key
+    ├── ModelNotFoundError           404 unknown or not-allowed model (for the config or the key)
+    ├── RequestTooLargeError         413 a body over router.max_request_bytes
+    ├── UnsupportedMediaTypeError    415 a body that is not declared as JSON
+    ├── QuotaExceededError           429 the key's rpm, tpm or concurrency limit is reached
+    ├── HeadersTooLargeError         431 request headers over router.max_header_bytes
+    ├── InternalServerError          500; its message never reaches the client
+    ├── ServiceUnavailableError      503 no replica can take the request now
+    │   └── ModelNotReadyError       503 the model is loading, scaled to zero or failed
+    └── RequestTimeoutError          504 not answered within router.request_timeout_s
+
+``APIError`` is a ``FleetError`` (``deployments/errors.py``). Code below the routes raises
+these; ``router/errors.py`` converts one to an HTTP response and to an SSE frame, in
+exactly two functions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from deployments.errors import FleetError
+
+
+class APIError(FleetError):
+    """A request-level failure with an HTTP status and OpenAI error fields."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    default_code: str | None = None
+    # Why the router refused a request before any engine saw it (a metric label):
+    # allowlist, limits, bad_request, overload, unavailable, auth or quota.
+    rejection: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        status_code: int | None = None,
+        retry_after_s: int = 1,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.code = code if code is not None else self.default_code
+        self.param = param
+        if status_code is not None:
+            self.status_code = status_code
+        self.retry_after_s = retry_after_s  # sent as Retry-After with 429 and 503
+
+
+class BadRequestError(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    rejection = "bad_request"
+
+
+class TokenLimitError(BadRequestError):
+    """``max_tokens`` above the model's hard limit, or prompt + max_tokens over the context."""
+
+    default_code = "max_tokens_exceeded"
+    rejection = "limits"
+
+
+class RequestLimitError(BadRequestError):
+    """A field that multiplies the engine's work (n, best_of, logprobs, stop strings,
+    messages, tools, prompts) is over the model's cap (``limits`` in its config)."""
+
+    default_code = "request_limit_exceeded"
+    rejection = "limits"
+
+
+class UnsupportedMediaTypeError(APIError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+    rejection = "bad_request"
+
+
+class HeadersTooLargeError(APIError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
+    rejection = "limits"
+
+
+class RequestTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+    rejection = "limits"
+
+
+class AuthenticationError(APIError):
+    """No valid API key. One message for every cause, so a caller learns nothing about
+    which keys exist or were revoked."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+    rejection = "auth"
+
+    def __init__(self) -> None:
+        super().__init__("Invalid or missing API key.")
+
+
+class ModelNotFoundError(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+    rejection = "allowlist"
+
+    def __init__(self, model: object):
+        shown = model if isinstance(model, str) and len(model) <= 200 else "<invalid>"
+        super().__init__(
+            f"The model '{shown}' does not exist or you do not have access to it.",
+            param="model",
+        )
+
+
+QuotaLimit = Literal["rpm", "tpm", "concurrency"]
+_QUOTA_CODES: dict[QuotaLimit, str] = {
+    "rpm": "rate_limit_exceeded_rpm",
+    "tpm": "rate_limit_exceeded_tpm",
+    "concurrency": "concurrency_limit_exceeded",
+}
+
+
+class QuotaExceededError(APIError):
+    """The API key reached one of its limits; ``Retry-After`` says when to try again."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    rejection = "quota"
+
+    def __init__(self, limit: QuotaLimit, value: int | None, retry_after_s: int):
+        what = {
+            "rpm": "requests per minute",
+            "tpm": "tokens per minute",
+            "concurrency": "concurrent requests",
+        }[limit]
+        super().__init__(
+            f"This API key reached its limit of {value} {what}; retry in {retry_after_s} s.",
+            code=_QUOTA_CODES[limit],
+            retry_after_s=retry_after_s,
+        )
+        self.limit = limit
+
+
+class ServiceUnavailableError(APIError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "service_unavailable"
+    rejection = "overload"
+
+
+class ModelNotReadyError(ServiceUnavailableError):
+    """No replica of the model is ready: loading, scaled to zero, or failed to start."""
+
+    default_code = "model_not_ready"
+    rejection = "unavailable"
+
+    def __init__(self, model_id: str, state: str, retry_after_s: int):
+        why = {
+            "failed": "failed to start; operators: see /health/ready",
+            "idle": "is scaled to zero and starting",
+        }.get(state, f"is {state}")
+        super().__init__(
+            f"Model '{model_id}' {why}; retry in {retry_after_s} s.",
+            param="model",
+            retry_after_s=retry_after_s,
+        )
+
+
+class RequestTimeoutError(APIError):
+    """The request ran past ``router.request_timeout_s``; its generation was aborted."""
+
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "request_timeout"
+
+    def __init__(self, timeout_s: float):
+        super().__init__(
+            f"The request was not answered within {timeout_s:g} s "
+            "(router.request_timeout_s); its generation was stopped."
+        )
+
+
+class InternalServerError(APIError):
+    status_code = 500
+    error_type = "server_error"
+    default_code = "internal_error"
+
+
+def api_error_from_status(status: int, message: str, *, param: str | None = None) -> APIError:
+    """Map an error the engine reported (vLLM puts the HTTP status in ``error.code``)."""
+    if 400 <= status < 500:
+        code = "context_length_exceeded" if "context length" in message.lower() else None
+        return BadRequestError(message, code=code, param=param, status_code=status)
+    if status == 503:
+        return ServiceUnavailableError(message)
+    return InternalServerError(message)
