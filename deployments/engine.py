@@ -1,12 +1,17 @@
 """The engine contract: what a model replica offers, whichever engine is inside.
 
-A request goes in as the client's OpenAI JSON body (already checked by the router);
-what comes back is an async stream of items:
+A request goes in as an :class:`EngineRequest`: the route, the client's OpenAI JSON body
+(already checked by the router), the request id and the calling router replica. What
+comes back is an async stream of items:
 
 - a streaming request yields SSE frames (``str``, each ``"data: {...}\\n\\n"``, the
   last one ``"data: [DONE]\\n\\n"``), or one :class:`Reply` with an error if the
   request failed before its first chunk;
 - a non-streaming request yields exactly one :class:`Reply`.
+
+A failed request's ``Reply`` is made by :func:`error_reply`, the one place an engine
+error takes its shape; the router reads it back as an :class:`EngineError`
+(``Reply.error``) and maps it by status and code, never by the message's wording.
 
 Plain ``str`` and a small dataclass cross the Ray handle cheaply. Cancelling the
 stream (the router does that when its client disconnects) aborts the generation.
@@ -21,6 +26,42 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 Route = Literal["chat", "completions"]
+# The codes an engine may give a failed request beyond its status (OpenAI's names).
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One request from the router to a model replica, as the handle call's argument.
+
+    ``prompt`` and ``messages`` expose the body's text to Ray Serve request routers
+    that look for them (``PrefixCacheAffinityRouter`` reads ``.prompt``/``.messages``).
+    ``caller`` is the router replica's actor name (``deployments/caller_watch.py``).
+    """
+
+    route: Route
+    body: dict[str, Any]
+    request_id: str
+    caller: str | None = None
+
+    @property
+    def prompt(self) -> Any:
+        return self.body.get("prompt")
+
+    @property
+    def messages(self) -> Any:
+        return self.body.get("messages")
+
+
+@dataclass(frozen=True)
+class EngineError:
+    """A failed request as the engine reported it: the status and OpenAI error fields."""
+
+    status: int
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +77,35 @@ class Reply:
     @property
     def ok(self) -> bool:
         return self.status < 400
+
+    @property
+    def error(self) -> EngineError | None:
+        """The failure this reply reports, or None for an answer."""
+        if self.ok:
+            return None
+        raw = self.body.get("error")
+        fields = raw if isinstance(raw, dict) else {}
+        code = fields.get("code")
+        return EngineError(
+            status=self.status,
+            message=str(fields.get("message") or "request failed"),
+            type=str(fields.get("type") or "invalid_request_error"),
+            param=fields.get("param"),
+            code=code if isinstance(code, str) else None,
+        )
+
+
+def error_reply(
+    status: int,
+    message: str,
+    *,
+    error_type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> Reply:
+    """A failed request's Reply: the one place an engine error takes its shape."""
+    error = {"message": message, "type": error_type, "param": param, "code": code}
+    return Reply(status=status, body={"error": error})
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from deployments.cpu_placement import (
     place_engine,
     this_process,
 )
-from deployments.engine import EngineInfo, LLMEngine, Reply, Route
+from deployments.engine import EngineInfo, EngineRequest, LLMEngine, Reply
 from deployments.frame_coalescing import coalesce_frames
 from deployments.replica_status import Phase, PhaseReporter
 from deployments.serve_logging import log_through_serve
@@ -146,18 +146,17 @@ class ModelDeployment:
         if self._phase is not None:
             self._phase.set(phase, placement=placement)
 
-    async def generate(
-        self, route: Route, body: dict[str, Any], request_id: str, caller: str | None = None
-    ) -> AsyncIterator[str | Reply]:
+    async def generate(self, request: EngineRequest) -> AsyncIterator[str | Reply]:
         """The engine's stream; a whole answer carries the seconds the engine took.
 
-        ``caller``: the calling router replica's actor name; if it dies, the request is
-        cancelled (``deployments/caller_watch.py``).
+        ``request.caller``: the calling router replica's actor name; if it dies, the
+        request is cancelled (``deployments/caller_watch.py``).
         """
         assert self._engine is not None
         started = time.perf_counter()
+        caller = request.caller
         untrack = self._callers.track(caller) if caller is not None else None
-        stream = self._engine.generate(route, body, request_id)
+        stream = self._engine.generate(request.route, request.body, request.request_id)
         if self._coalesce:
             stream = coalesce_frames(stream)
         try:

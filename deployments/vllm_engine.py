@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from deployments.config import ModelConfig
-from deployments.engine import EngineInfo, Reply, Route
+from deployments.engine import (
+    CONTEXT_LENGTH_EXCEEDED,
+    EngineInfo,
+    Reply,
+    Route,
+    error_reply,
+)
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -51,28 +57,28 @@ def engine_kwargs(model: ModelConfig, model_path: Path) -> dict[str, Any]:
 
 
 def _error_reply(error: Any) -> Reply:
-    """A vLLM ErrorResponse as a Reply; vLLM puts the HTTP status in ``error.code``."""
+    """A vLLM ErrorResponse as a Reply; vLLM puts the HTTP status in ``error.code``.
+
+    vLLM gives no code for a request over the context; its message (ours too, from
+    :func:`_enforce_context_length`) names the context length, so this is where the
+    error gets OpenAI's ``context_length_exceeded``: the router never reads wording.
+    """
     info = error.error
     status = int(info.code) if isinstance(info.code, int) and 400 <= info.code < 600 else 500
-    return Reply(
-        status=status,
-        body={"error": {"message": info.message, "type": info.type, "param": info.param}},
+    over = status < 500 and "context length" in str(info.message).lower()
+    return error_reply(
+        status,
+        info.message,
+        error_type=info.type,
+        param=info.param,
+        code=CONTEXT_LENGTH_EXCEEDED if over else None,
     )
 
 
 def _validation_reply(exc: ValidationError) -> Reply:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
     param = ".".join(str(part) for part in first.get("loc", ())) or None
-    return Reply(
-        status=400,
-        body={
-            "error": {
-                "message": f"{param or 'body'}: {first.get('msg', 'invalid value')}",
-                "type": "invalid_request_error",
-                "param": param,
-            }
-        },
-    )
+    return error_reply(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param)
 
 
 # The request fields that hold the output budget (a CompletionRequest has only the first).
@@ -209,16 +215,8 @@ class VLLMEngine:
 
         serving = self._chat if route == "chat" else self._completion
         if serving is None:
-            yield Reply(
-                status=400,
-                body={
-                    "error": {
-                        "message": f"model {self._model.id!r} does not support /v1/{route}",
-                        "type": "invalid_request_error",
-                        "param": "model",
-                    }
-                },
-            )
+            message = f"model {self._model.id!r} does not support /v1/{route}"
+            yield error_reply(400, message, param="model")
             return
         request_cls = ChatCompletionRequest if route == "chat" else CompletionRequest
         try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from deployments.engine import EngineError
 from deployments.errors import FleetError
 
 
@@ -201,11 +202,12 @@ class InternalServerError(APIError):
     default_code = "internal_error"
 
 
-def api_error_from_status(status: int, message: str, *, param: str | None = None) -> APIError:
-    """Map an error the engine reported (vLLM puts the HTTP status in ``error.code``)."""
-    if 400 <= status < 500:
-        code = "context_length_exceeded" if "context length" in message.lower() else None
-        return BadRequestError(message, code=code, param=param, status_code=status)
-    if status == 503:
-        return ServiceUnavailableError(message)
-    return InternalServerError(message)
+def api_error_from_engine(error: EngineError) -> APIError:
+    """The APIError for a failed request the engine reported: by its status and code."""
+    if 400 <= error.status < 500:
+        return BadRequestError(
+            error.message, code=error.code, param=error.param, status_code=error.status
+        )
+    if error.status == 503:
+        return ServiceUnavailableError(error.message)
+    return InternalServerError(error.message)

@@ -32,7 +32,7 @@ from ray import serve
 
 from deployments.builder import direct_app_name
 from deployments.config import FleetConfig
-from deployments.engine import Reply, Route
+from deployments.engine import EngineRequest, Reply, Route
 from deployments.errors import ConfigError
 from deployments.model_deployment import EngineFactory, ModelDeployment
 from deployments.serve_logging import log_through_serve
@@ -57,7 +57,7 @@ class InProcessClient:
     def stream(
         self, route: Route, body: dict[str, Any], request_id: str
     ) -> AsyncIterator[str | Reply]:
-        return self._replica.generate(route, body, request_id)
+        return self._replica.generate(EngineRequest(route, body, request_id))
 
 
 class ThisReplica:

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
-from deployments.engine import Reply, Route
+from deployments.engine import EngineRequest, Reply, Route
 from router.api_errors import InternalServerError, ServiceUnavailableError
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class HandleModelClient:
             # BackPressureError would reach the client as Serve's plain-text 503.
             response = cast(
                 "DeploymentResponseGenerator[str | Reply]",
-                self._handle.generate.remote(route, body, request_id, self._caller),
+                self._handle.generate.remote(EngineRequest(route, body, request_id, self._caller)),
             )
             async for item in response:
                 yield item

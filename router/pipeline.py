@@ -36,7 +36,7 @@ from router.api_errors import (
     APIError,
     InternalServerError,
     ModelNotFoundError,
-    api_error_from_status,
+    api_error_from_engine,
 )
 from router.auth import KeyRing, Principal
 from router.errors import error_response
@@ -202,13 +202,8 @@ class Pipeline:
         """A non-streamed answer as JSON; an engine error as the matching APIError."""
         await stream.aclose()  # type: ignore[attr-defined]
         record.engine_s = reply.engine_s
-        if not reply.ok:
-            error = reply.body.get("error", {})
-            raise api_error_from_status(
-                reply.status,
-                str(error.get("message", "request failed")),
-                param=error.get("param"),
-            )
+        if reply.error is not None:
+            raise api_error_from_engine(reply.error)
         record.usage(reply.body.get("usage"))
         headers = {"Server-Timing": record.server_timing()}
         return JSONResponse(reply.body, status_code=reply.status, headers=headers)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config import ModelConfig
-from deployments.engine import EngineInfo, Reply, Route
+from deployments.engine import CONTEXT_LENGTH_EXCEEDED, EngineInfo, Reply, Route, error_reply
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # vLLM's CompletionRequest.max_tokens default
 _FALLBACK_ANSWER = ["ok"]
@@ -39,10 +39,8 @@ class _Plan:
     include_usage: bool
 
 
-def _error(message: str, param: str | None) -> Reply:
-    return Reply(
-        status=400, body={"error": {"message": message, "type": "BadRequestError", "param": param}}
-    )
+def _error(message: str, param: str | None, code: str | None = None) -> Reply:
+    return error_reply(400, message, error_type="BadRequestError", param=param, code=code)
 
 
 def _text_of(content: Any) -> str:
@@ -110,6 +108,7 @@ class FakeEngine:
                 f"your prompt contains {prompt_tokens} input tokens, which exceeds this limit "
                 "even without any output tokens. Please reduce the length of the input prompt.",
                 "input_tokens",
+                CONTEXT_LENGTH_EXCEEDED,
             )
         if body.get("n") not in (None, 1):
             return _error("FakeEngine supports n=1 only", "n")
@@ -128,6 +127,7 @@ class FakeEngine:
                 f"prompt, {requested} in the completion). Please reduce the length of the "
                 "prompt or max_tokens.",
                 "max_tokens",
+                CONTEXT_LENGTH_EXCEEDED,
             )
         budget = requested
         words = words or _FALLBACK_ANSWER

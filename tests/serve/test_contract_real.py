@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from deployments.engine import Reply, Route
+from deployments.engine import EngineRequest, Reply, Route
 from tests.contract.engine_contract import CHAT_CHECKS, COMPLETIONS_CHECKS, Check
 from tests.serve.conftest import CHAT_MODEL, COMPLETION_MODEL, deployment_handle
 
@@ -28,7 +28,9 @@ class DeploymentEngine:
     async def generate(
         self, route: Route, body: dict[str, Any], request_id: str
     ) -> AsyncIterator[str | Reply]:
-        response = self._handle.options(stream=True).generate.remote(route, body, request_id)
+        response = self._handle.options(stream=True).generate.remote(
+            EngineRequest(route, body, request_id)
+        )
         try:
             async for item in response:
                 yield item
