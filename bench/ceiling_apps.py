@@ -20,11 +20,11 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from deployments.builder import direct_model_config, load_config
-from deployments.config import ModelConfig
-from deployments.engine import Reply
-from router.builder import build_direct as build_real_direct
-from router.builder import build_fleet as build_real_fleet
+from llm_fleet.deployments.builder import direct_model_config, load_config
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.engine import Reply
+from llm_fleet.router.builder import build_direct as build_real_direct
+from llm_fleet.router.builder import build_fleet as build_real_fleet
 from tests.fake_engine import FakeEngine
 
 

@@ -34,10 +34,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deployments.weights import embedded  # noqa: E402
-from deployments.weights.cache import LoadPolicy, fetch_to_cache  # noqa: E402
-from deployments.weights.s3_store import S3Store, _transfer_config  # noqa: E402
-from deployments.weights.sources import parse_source  # noqa: E402
+from llm_fleet.deployments.weights import embedded  # noqa: E402
+from llm_fleet.deployments.weights.cache import LoadPolicy, fetch_to_cache  # noqa: E402
+from llm_fleet.deployments.weights.s3_store import S3Store, _transfer_config  # noqa: E402
+from llm_fleet.deployments.weights.sources import parse_source  # noqa: E402
 from tests.weights.s3server import start_s3_server  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"

@@ -1,7 +1,7 @@
 """Model-side wiring: validate the app's ``args`` once, apply env overrides, and make
 one Ray Serve deployment per allowed model.
 
-The whole app (router included) is assembled by ``router.builder.build_app``; this
+The whole app (router included) is assembled by ``llm_fleet.router.builder.build_app``; this
 module holds the half that knows nothing of the router.
 
 Environment overrides, read here and only here (replicas get objects, not env):
@@ -22,20 +22,20 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from deployments.config import FleetConfig, ModelConfig
-from deployments.errors import ConfigError
+from llm_fleet.deployments.config import FleetConfig, ModelConfig
+from llm_fleet.deployments.errors import ConfigError
 
 if TYPE_CHECKING:
     from ray.serve import Application
 
-    from deployments.model_deployment import EngineFactory
+    from llm_fleet.deployments.model_deployment import EngineFactory
 
 ENV_ALLOWED_MODELS = "LLM_ALLOWED_MODELS"
 ENV_DEFAULT_MAX_TOKENS = "LLM_DEFAULT_MAX_TOKENS"
 ENV_MAX_TOKENS_LIMIT = "LLM_MAX_TOKENS_LIMIT"
 ENV_CORS_ALLOWED_ORIGINS = "CORS_ALLOWED_ORIGINS"
 ENV_KEYS_FILE = "LLM_FLEET_KEYS_FILE"
-# The one key a direct app's args add to the fleet's (router.builder.build_direct_app).
+# The one key a direct app's args add to the fleet's (llm_fleet.router.builder.build_direct_app).
 DIRECT_MODEL_ARG = "direct_model"
 
 
@@ -198,10 +198,10 @@ def build_model_apps(
 ) -> dict[str, Application]:
     """One bound deployment per allowed model, keyed by model id (vLLM engines unless
     ``engine_factory`` says otherwise). ``direct: true`` models are left out: their
-    replicas belong to their own app (``router.builder.build_direct_app``)."""
+    replicas belong to their own app (``llm_fleet.router.builder.build_direct_app``)."""
     from ray import serve
 
-    from deployments.model_deployment import ModelDeployment
+    from llm_fleet.deployments.model_deployment import ModelDeployment
 
     return {
         model.id: serve.deployment(**deployment_options(model))(ModelDeployment).bind(

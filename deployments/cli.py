@@ -11,7 +11,7 @@
 
 ``validate`` applies the same env overrides as a deployment (``LLM_ALLOWED_MODELS``...).
 It also checks the direct path's wiring: each ``direct: true`` model has an app with
-``import_path: router.builder:build_direct_app``, named ``<fleet app>.<model id>``, whose
+``import_path: llm_fleet.router.builder:build_direct_app``, named ``<fleet app>.<model id>``, whose
 ``direct_model`` is that model (README, Direct path).
 
 Exit codes: 0 ok; 1 invalid config, no llm-fleet application in a file, or a model
@@ -31,19 +31,19 @@ from typing import Any
 
 import yaml
 
-from deployments import keys
-from deployments.builder import (
+from llm_fleet.deployments import keys
+from llm_fleet.deployments.builder import (
     ENV_KEYS_FILE,
     direct_app_name,
     direct_model_config,
     load_config,
 )
-from deployments.errors import ConfigError, ModelPreparationError
-from deployments.weights import embedded
-from deployments.weights.commands import add_parser as add_weights_commands
+from llm_fleet.deployments.errors import ConfigError, ModelPreparationError
+from llm_fleet.deployments.weights import embedded
+from llm_fleet.deployments.weights.commands import add_parser as add_weights_commands
 
-APP_IMPORT_PATH = "router.builder:build_app"
-DIRECT_IMPORT_PATH = "router.builder:build_direct_app"
+APP_IMPORT_PATH = "llm_fleet.router.builder:build_app"
+DIRECT_IMPORT_PATH = "llm_fleet.router.builder:build_direct_app"
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 Handler = Callable[[argparse.Namespace], int]
 
@@ -131,6 +131,14 @@ def _validate_file(name: str) -> int:
         for index, app in enumerate(apps if isinstance(apps, list) else [])
         if isinstance(app, Mapping)
     ]
+    for index, app in listed:
+        old = str(app.get("import_path", ""))
+        if old.startswith(("router.", "deployments.")):
+            _error(
+                f"{name}: applications[{index}]: import_path {old} is now llm_fleet.{old} "
+                "(one import root: README, Architecture)"
+            )
+            return EXIT_INVALID
     found = [(i, app) for i, app in listed if app.get("import_path") == APP_IMPORT_PATH]
     direct = [(i, app) for i, app in listed if app.get("import_path") == DIRECT_IMPORT_PATH]
     if not found:
@@ -149,7 +157,7 @@ def _validate(options: argparse.Namespace) -> int:
 
 
 def _serve(options: argparse.Namespace) -> int:
-    from deployments.launcher import serve_foreground
+    from llm_fleet.deployments.launcher import serve_foreground
 
     code = _validate_file(options.file)
     return code if code != EXIT_OK else serve_foreground(options.file)

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from deployments.cpu_placement import CORE_LIST_PATTERN
-from deployments.fleet_settings import (
+from llm_fleet.deployments.cpu_placement import CORE_LIST_PATTERN
+from llm_fleet.deployments.fleet_settings import (
     AutoscalingConfig,
     CpuBindingConfig,
     RouterConfig,
@@ -220,7 +220,7 @@ class ModelConfig(StrictModel):
         description="Also serve this model at its own URL, /m/<id>/v1, from the model "
         "replica itself (API keys and limits included), skipping the router hop. The "
         "engine then lives in a second Serve application, '<fleet app>.<id>' with "
-        "import_path router.builder:build_direct_app, which the config file must list; "
+        "import_path llm_fleet.router.builder:build_direct_app, which the config file must list; "
         "the router reaches the same replicas (README, Direct path).",
     )
 

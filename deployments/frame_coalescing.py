@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 
-from deployments.engine import Reply
+from llm_fleet.deployments.engine import Reply
 
 _END = object()
 FRAME_END = "\n\n"

@@ -40,9 +40,9 @@ import yaml
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from deployments.builder import describe_validation_error
-from deployments.config import MODEL_ID_PATTERN
-from deployments.errors import ConfigError
+from llm_fleet.deployments.builder import describe_validation_error
+from llm_fleet.deployments.config import MODEL_ID_PATTERN
+from llm_fleet.deployments.errors import ConfigError
 
 KEY_PREFIX = "lfk_"
 ALL_MODELS = "*"

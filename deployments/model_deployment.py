@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from deployments.caller_watch import CallerWatch
-from deployments.config import CpuBindingConfig, ModelConfig
-from deployments.cpu_placement import (
+from llm_fleet.deployments.caller_watch import CallerWatch
+from llm_fleet.deployments.config import CpuBindingConfig, ModelConfig
+from llm_fleet.deployments.cpu_placement import (
     BIND_ENV,
     CoreClaims,
     CorePlacement,
@@ -23,11 +23,11 @@ from deployments.cpu_placement import (
     place_engine,
     this_process,
 )
-from deployments.engine import EngineInfo, EngineRequest, LLMEngine, Reply
-from deployments.frame_coalescing import coalesce_frames
-from deployments.replica_status import Phase, PhaseReporter
-from deployments.serve_logging import log_through_serve
-from deployments.weights import resolve_weights
+from llm_fleet.deployments.engine import EngineInfo, EngineRequest, LLMEngine, Reply
+from llm_fleet.deployments.frame_coalescing import coalesce_frames
+from llm_fleet.deployments.replica_status import Phase, PhaseReporter
+from llm_fleet.deployments.serve_logging import log_through_serve
+from llm_fleet.deployments.weights import resolve_weights
 
 logger = logging.getLogger("llm_fleet.deployments.model_deployment")
 
@@ -36,7 +36,7 @@ _REMOTE_SCHEMES = ("s3://", "hf://")
 
 
 def vllm_engine_factory(model: ModelConfig, path: Path) -> LLMEngine:
-    from deployments.vllm_engine import VLLMEngine
+    from llm_fleet.deployments.vllm_engine import VLLMEngine
 
     return VLLMEngine(model, path)
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from deployments.config import ModelConfig
-from deployments.engine import (
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.engine import (
     CONTEXT_LENGTH_EXCEEDED,
     EngineInfo,
     Reply,

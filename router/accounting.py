@@ -22,8 +22,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.engine import Route
-from router.api_errors import APIError
+from llm_fleet.deployments.engine import Route
+from llm_fleet.router.api_errors import APIError
 
 access_logger = logging.getLogger("llm_fleet.access")
 logger = logging.getLogger("llm_fleet.router")

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from deployments.engine import EngineError
-from deployments.errors import FleetError
+from llm_fleet.deployments.engine import EngineError
+from llm_fleet.deployments.errors import FleetError
 
 
 class APIError(FleetError):

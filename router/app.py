@@ -21,19 +21,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.config import FleetConfig
-from router.api_errors import APIError, BadRequestError, InternalServerError
-from router.auth import KeyRing
-from router.errors import error_response
-from router.health import add_health_routes
-from router.metrics import NoMetrics, RouterMetrics
-from router.middleware import HeaderLimit
-from router.model_client import ModelClient
-from router.model_status import AlwaysReady, ModelStatusSource
-from router.pipeline import Pipeline
-from router.quota import LimitBackend, LocalLimits
-from router.request_id import RequestIdMiddleware, request_id_of
-from router.routes import MetricsText, inference_routes, metrics_routes, model_routes
+from llm_fleet.deployments.config import FleetConfig
+from llm_fleet.router.api_errors import APIError, BadRequestError, InternalServerError
+from llm_fleet.router.auth import KeyRing
+from llm_fleet.router.errors import error_response
+from llm_fleet.router.health import add_health_routes
+from llm_fleet.router.metrics import NoMetrics, RouterMetrics
+from llm_fleet.router.middleware import HeaderLimit
+from llm_fleet.router.model_client import ModelClient
+from llm_fleet.router.model_status import AlwaysReady, ModelStatusSource
+from llm_fleet.router.pipeline import Pipeline
+from llm_fleet.router.quota import LimitBackend, LocalLimits
+from llm_fleet.router.request_id import RequestIdMiddleware, request_id_of
+from llm_fleet.router.routes import MetricsText, inference_routes, metrics_routes, model_routes
 
 __all__ = ["MetricsText", "create_app"]
 

@@ -21,10 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployments.config import FleetConfig
-from deployments.errors import ConfigError
-from deployments.keys import ALL_MODELS, KEY_PREFIX, KeyEntry, hash_key, load_keys
-from router.api_errors import AuthenticationError
+from llm_fleet.deployments.config import FleetConfig
+from llm_fleet.deployments.errors import ConfigError
+from llm_fleet.deployments.keys import ALL_MODELS, KEY_PREFIX, KeyEntry, hash_key, load_keys
+from llm_fleet.router.api_errors import AuthenticationError
 
 logger = logging.getLogger("llm_fleet.auth")
 # Longer than any key we issue, short enough that hashing it costs nothing.

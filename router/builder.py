@@ -1,9 +1,9 @@
-"""The app builder Ray Serve calls: ``import_path: router.builder:build_app``.
+"""The app builder Ray Serve calls: ``import_path: llm_fleet.router.builder:build_app``.
 
-It reads the config once (``deployments.builder.load_config``: schema, allowlist and
+It reads the config once (``llm_fleet.deployments.builder.load_config``: schema, allowlist and
 env overrides), binds one deployment per allowed model and puts the router in front.
 ``build_app``'s twin for a ``direct: true`` model is ``build_direct_app``
-(``import_path: router.builder:build_direct_app``): that model's replicas as the ingress
+(``import_path: llm_fleet.router.builder:build_direct_app``): that model's replicas as the ingress
 of an app of their own (``router/direct.py``).
 """
 
@@ -16,14 +16,14 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.builder import (
+from llm_fleet.deployments.builder import (
     build_model_apps,
     deployment_options,
     direct_model_config,
     load_config,
 )
-from deployments.config import FleetConfig
-from deployments.model_deployment import EngineFactory
+from llm_fleet.deployments.config import FleetConfig
+from llm_fleet.deployments.model_deployment import EngineFactory
 
 ROUTER_DEPLOYMENT = "router"
 LEFT_OUT_DEPLOYMENT = "left-out"  # a direct app whose model LLM_ALLOWED_MODELS left out
@@ -47,7 +47,7 @@ def build_app(args: Mapping[str, Any]) -> Application:
 def build_fleet(config: FleetConfig, engine_factory: EngineFactory | None = None) -> Application:
     """The router in front of one deployment per model; ``engine_factory`` replaces vLLM
     (the router-ceiling benchmark runs the fake engine behind the real stack)."""
-    from router.ingress import RouterIngress
+    from llm_fleet.router.ingress import RouterIngress
 
     models = build_model_apps(config, engine_factory)
     deployment = serve.deployment(**router_options(config))(RouterIngress)
@@ -57,9 +57,9 @@ def build_fleet(config: FleetConfig, engine_factory: EngineFactory | None = None
 def build_direct_app(args: Mapping[str, Any]) -> Application:
     """A ``direct: true`` model's own app from the fleet's ``args`` plus ``direct_model``.
 
-    The app must be named ``<fleet app>.<model id>`` (``deployments.builder.direct_app_name``):
-    the fleet's router finds the model's replicas there, and the replicas count API-key
-    limits in the fleet app's limits actor.
+    The app must be named ``<fleet app>.<model id>`` (``direct_app_name`` in
+    ``deployments/builder.py``): the fleet's router finds the model's replicas there,
+    and the replicas count API-key limits in the fleet app's limits actor.
     """
     config, model_id = direct_model_config(args, os.environ)
     return build_direct(config, model_id)
@@ -68,7 +68,7 @@ def build_direct_app(args: Mapping[str, Any]) -> Application:
 def build_direct(
     config: FleetConfig, model_id: str, engine_factory: EngineFactory | None = None
 ) -> Application:
-    from router.direct import DirectModelIngress, LeftOutIngress
+    from llm_fleet.router.direct import DirectModelIngress, LeftOutIngress
 
     model = config.model(model_id)
     if model is None:  # LLM_ALLOWED_MODELS left it out: every model is a 404 here

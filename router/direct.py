@@ -1,9 +1,9 @@
 """The direct path: one model served at ``/m/<id>/v1`` by its own replicas, no router hop.
 
 A model with ``direct: true`` lives in a Serve application of its own,
-``<fleet app>.<id>`` (``router.builder.build_direct_app``), whose ingress is the model
+``<fleet app>.<id>`` (``llm_fleet.router.builder.build_direct_app``), whose ingress is the model
 deployment itself: the proxy hands the HTTP request straight to a model replica, which
-runs the same OpenAI app as the router (``router.app.create_app``: request ids, API keys,
+runs the same OpenAI app as the router (``llm_fleet.router.app.create_app``: request ids, API keys,
 per-key limits, token limits, the SSE relay, OpenAI-shaped errors) over its own engine,
 in process. The router keeps serving the model at the one URL too, over a handle to
 these same replicas; there is one engine, reached through two doors.
@@ -30,18 +30,18 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from deployments.builder import direct_app_name
-from deployments.config import FleetConfig
-from deployments.engine import EngineRequest, Reply, Route
-from deployments.errors import ConfigError
-from deployments.model_deployment import EngineFactory, ModelDeployment
-from deployments.serve_logging import log_through_serve
-from router.app import create_app
-from router.auth import load_keyring
-from router.ingress import stop_services
-from router.metrics import RayRouterMetrics
-from router.model_status import ModelStatus
-from router.shared_limits import SharedLimits
+from llm_fleet.deployments.builder import direct_app_name
+from llm_fleet.deployments.config import FleetConfig
+from llm_fleet.deployments.engine import EngineRequest, Reply, Route
+from llm_fleet.deployments.errors import ConfigError
+from llm_fleet.deployments.model_deployment import EngineFactory, ModelDeployment
+from llm_fleet.deployments.serve_logging import log_through_serve
+from llm_fleet.router.app import create_app
+from llm_fleet.router.auth import load_keyring
+from llm_fleet.router.ingress import stop_services
+from llm_fleet.router.metrics import RayRouterMetrics
+from llm_fleet.router.model_status import ModelStatus
+from llm_fleet.router.shared_limits import SharedLimits
 
 
 class InProcessClient:
@@ -110,7 +110,7 @@ class DirectModelIngress(ModelDeployment):
         fleet_app = fleet_app_of(serve.get_replica_context().app_name, model_id)
         self._keys = load_keyring(config)  # first: a bad keys file fails before the engine
         model = config.model(model_id)
-        assert model is not None  # router.builder.build_direct_app checked it
+        assert model is not None  # llm_fleet.router.builder.build_direct_app checked it
         await super().__init__(
             model,
             engine_factory,

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from router.api_errors import APIError
+from llm_fleet.router.api_errors import APIError
 
 _HIDDEN_MESSAGE = "The server had an error while processing your request."
 _SAID_AS_IS = (503, 504)

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from router.api_errors import RequestTimeoutError
+from llm_fleet.router.api_errors import RequestTimeoutError
 
 T = TypeVar("T")
 

@@ -19,8 +19,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from deployments.config import ModelConfig
-from router.model_status import ModelStatus, ModelStatusSource
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.router.model_status import ModelStatus, ModelStatusSource
 
 
 def _models_body(

@@ -7,16 +7,16 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from ray import serve
 
-from deployments.builder import direct_app_name
-from deployments.config import FleetConfig
-from deployments.serve_logging import log_through_serve
-from router.app import create_app
-from router.auth import load_keyring
-from router.metrics import RayRouterMetrics
-from router.model_client import HandleModelClient
-from router.node_metrics import NodeMetrics
-from router.shared_limits import SharedLimits
-from router.status_board import ServeStatusBoard
+from llm_fleet.deployments.builder import direct_app_name
+from llm_fleet.deployments.config import FleetConfig
+from llm_fleet.deployments.serve_logging import log_through_serve
+from llm_fleet.router.app import create_app
+from llm_fleet.router.auth import load_keyring
+from llm_fleet.router.metrics import RayRouterMetrics
+from llm_fleet.router.model_client import HandleModelClient
+from llm_fleet.router.node_metrics import NodeMetrics
+from llm_fleet.router.shared_limits import SharedLimits
+from llm_fleet.router.status_board import ServeStatusBoard
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from deployments.config import RequestLimits
-from deployments.engine import Route
-from router.api_errors import RequestLimitError, TokenLimitError
+from llm_fleet.deployments.config import RequestLimits
+from llm_fleet.deployments.engine import Route
+from llm_fleet.router.api_errors import RequestLimitError, TokenLimitError
 
 # The fields the engine reads as the output budget, per route (parse_request typed them).
 _TOKEN_FIELDS: dict[Route, tuple[str, ...]] = {

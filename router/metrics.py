@@ -35,10 +35,10 @@ from collections import Counter as Tally
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from router.accounting import RequestRecord
+from llm_fleet.router.accounting import RequestRecord
 
 if TYPE_CHECKING:
-    from router.model_status import ModelStatus
+    from llm_fleet.router.model_status import ModelStatus
 
 TTFT_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0]
 ITL_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from router.api_errors import HeadersTooLargeError
-from router.errors import error_response
-from router.request_id import request_id_of
+from llm_fleet.router.api_errors import HeadersTooLargeError
+from llm_fleet.router.errors import error_response
+from llm_fleet.router.request_id import request_id_of
 
 
 class HeaderLimit:

@@ -13,8 +13,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
-from deployments.engine import EngineRequest, Reply, Route
-from router.api_errors import InternalServerError, ServiceUnavailableError
+from llm_fleet.deployments.engine import EngineRequest, Reply, Route
+from llm_fleet.router.api_errors import InternalServerError, ServiceUnavailableError
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from deployments.config import ModelConfig
-from deployments.replica_status import STARTING_PHASES, ReplicaPhase
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.replica_status import STARTING_PHASES, ReplicaPhase
 
 State = Literal["ready", "downloading", "loading", "idle", "failed"]
 STATES: tuple[State, ...] = ("ready", "downloading", "loading", "idle", "failed")

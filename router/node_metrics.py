@@ -13,7 +13,7 @@ import asyncio
 import urllib.request
 from typing import Any
 
-from router.api_errors import ServiceUnavailableError
+from llm_fleet.router.api_errors import ServiceUnavailableError
 
 TIMEOUT_S = 10.0
 

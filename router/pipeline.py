@@ -29,28 +29,28 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from deployments.config import FleetConfig, ModelConfig
-from deployments.engine import Reply, Route
-from router.accounting import RequestRecord, log_request, uninterrupted
-from router.api_errors import (
+from llm_fleet.deployments.config import FleetConfig, ModelConfig
+from llm_fleet.deployments.engine import Reply, Route
+from llm_fleet.router.accounting import RequestRecord, log_request, uninterrupted
+from llm_fleet.router.api_errors import (
     APIError,
     InternalServerError,
     ModelNotFoundError,
     api_error_from_engine,
 )
-from router.auth import KeyRing, Principal
-from router.errors import error_response
-from router.guards import ClientDisconnected, Deadline, unless_disconnected
-from router.limits import apply_token_limits, check_request_limits, output_budget
-from router.metrics import RouterMetrics
-from router.model_client import ModelClient
-from router.model_status import ModelStatusSource
-from router.protocol import parse_request, read_json
-from router.quota import LimitBackend, QuotaHold
-from router.readiness import await_readiness, watch_readiness
-from router.relay import Finish, stream_response
-from router.request_id import request_id_of
-from router.sse import UsageTap, ask_for_usage
+from llm_fleet.router.auth import KeyRing, Principal
+from llm_fleet.router.errors import error_response
+from llm_fleet.router.guards import ClientDisconnected, Deadline, unless_disconnected
+from llm_fleet.router.limits import apply_token_limits, check_request_limits, output_budget
+from llm_fleet.router.metrics import RouterMetrics
+from llm_fleet.router.model_client import ModelClient
+from llm_fleet.router.model_status import ModelStatusSource
+from llm_fleet.router.protocol import parse_request, read_json
+from llm_fleet.router.quota import LimitBackend, QuotaHold
+from llm_fleet.router.readiness import await_readiness, watch_readiness
+from llm_fleet.router.relay import Finish, stream_response
+from llm_fleet.router.request_id import request_id_of
+from llm_fleet.router.sse import UsageTap, ask_for_usage
 
 logger = logging.getLogger("llm_fleet.router.pipeline")
 

@@ -26,7 +26,11 @@ from pydantic import (
     field_validator,
 )
 
-from router.api_errors import BadRequestError, RequestTooLargeError, UnsupportedMediaTypeError
+from llm_fleet.router.api_errors import (
+    BadRequestError,
+    RequestTooLargeError,
+    UnsupportedMediaTypeError,
+)
 
 
 def _is_json(content_type: str | None) -> bool:

@@ -43,9 +43,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from router.accounting import in_background
-from router.api_errors import QuotaExceededError, QuotaLimit
-from router.auth import Principal
+from llm_fleet.router.accounting import in_background
+from llm_fleet.router.api_errors import QuotaExceededError, QuotaLimit
+from llm_fleet.router.auth import Principal
 
 WINDOW_S = 60.0
 # The holder of every slot when one process counts for itself.

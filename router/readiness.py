@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
-from deployments.config import ModelConfig
-from router.api_errors import ModelNotReadyError
-from router.model_status import ModelStatusSource
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.router.api_errors import ModelNotReadyError
+from llm_fleet.router.model_status import ModelStatusSource
 
 # How often a request waiting for its first item looks at its model's status (memory).
 MODEL_WATCH_S = 0.25

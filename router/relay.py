@@ -17,12 +17,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from deployments.engine import Reply
-from router.accounting import RequestRecord, uninterrupted
-from router.api_errors import APIError, InternalServerError
-from router.errors import error_frame
-from router.guards import Deadline
-from router.sse import DONE_FRAME, SSE_HEADERS, UsageTap
+from llm_fleet.deployments.engine import Reply
+from llm_fleet.router.accounting import RequestRecord, uninterrupted
+from llm_fleet.router.api_errors import APIError, InternalServerError
+from llm_fleet.router.errors import error_frame
+from llm_fleet.router.guards import Deadline
+from llm_fleet.router.sse import DONE_FRAME, SSE_HEADERS, UsageTap
 
 logger = logging.getLogger("llm_fleet.router.relay")
 

@@ -14,8 +14,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from router.api_errors import ModelNotFoundError
-from router.pipeline import Pipeline
+from llm_fleet.router.api_errors import ModelNotFoundError
+from llm_fleet.router.pipeline import Pipeline
 
 MetricsText = Callable[[], Awaitable[str]]
 

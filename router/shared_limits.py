@@ -1,6 +1,6 @@
 """Per-key limits that hold across every router replica: one Ray actor counts for all.
 
-The actor runs :class:`~router.quota.LocalLimits` (the same sliding windows), so the
+The actor runs :class:`~llm_fleet.router.quota.LocalLimits` (the same sliding windows), so the
 semantics are exactly those of ``router/quota.py``, counted once for the whole app. A
 router replica makes one actor call when it admits a request and one when the request
 ends: no call per token. The actor is detached and named after the app, so replicas
@@ -37,8 +37,8 @@ from typing import Any
 
 from ray.exceptions import RayError
 
-from router.auth import Principal
-from router.quota import Admission, LocalLimits
+from llm_fleet.router.auth import Principal
+from llm_fleet.router.quota import Admission, LocalLimits
 
 logger = logging.getLogger("llm_fleet.quota")
 NAMESPACE = "llm_fleet"

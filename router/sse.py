@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from deployments.frame_coalescing import FRAME_END, split_frames
-from router.accounting import RequestRecord
+from llm_fleet.deployments.frame_coalescing import FRAME_END, split_frames
+from llm_fleet.router.accounting import RequestRecord
 
 DONE_FRAME = "data: [DONE]\n\n"
 SSE_HEADERS = {

@@ -17,9 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from ray.serve.exceptions import RayServeException
 
-from deployments.config import FleetConfig
-from deployments.replica_status import GCS_ERRORS, STALE_AFTER_S, delete_phase, read_phases
-from router.model_status import DeploymentView, ModelStatus, derive_status
+from llm_fleet.deployments.config import FleetConfig
+from llm_fleet.deployments.replica_status import (
+    GCS_ERRORS,
+    STALE_AFTER_S,
+    delete_phase,
+    read_phases,
+)
+from llm_fleet.router.model_status import DeploymentView, ModelStatus, derive_status
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle

@@ -23,8 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deployments.config import ModelConfig
-from deployments.engine import CONTEXT_LENGTH_EXCEEDED, EngineInfo, Reply, Route, error_reply
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.engine import (
+    CONTEXT_LENGTH_EXCEEDED,
+    EngineInfo,
+    Reply,
+    Route,
+    error_reply,
+)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # vLLM's CompletionRequest.max_tokens default
 _FALLBACK_ANSWER = ["ok"]

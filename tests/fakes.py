@@ -1,7 +1,7 @@
 """Hand-written doubles for the unit tests: the router's model clients over FakeEngine.
 
 ``FakeModelClient`` stands where ``HandleModelClient`` stands in production, so
-``router.app.create_app`` runs unchanged over it; it can also raise what a real
+``llm_fleet.router.app.create_app`` runs unchanged over it; it can also raise what a real
 client raises (a dead replica, back-pressure, a failure mid-stream).
 ``FakeStatusSource`` stands where the Ray Serve status board stands, and
 ``RecordingMetrics`` where the Ray metrics do.
@@ -21,13 +21,13 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import Message
 
-from deployments.config import FleetConfig
-from deployments.engine import Reply, Route
-from router.accounting import RequestRecord
-from router.app import MetricsText, create_app
-from router.auth import KeyRing
-from router.model_status import ModelStatus, State
-from router.quota import LimitBackend
+from llm_fleet.deployments.config import FleetConfig
+from llm_fleet.deployments.engine import Reply, Route
+from llm_fleet.router.accounting import RequestRecord
+from llm_fleet.router.app import MetricsText, create_app
+from llm_fleet.router.auth import KeyRing
+from llm_fleet.router.model_status import ModelStatus, State
+from llm_fleet.router.quota import LimitBackend
 from tests.fake_engine import FakeEngine
 
 CHAT_MODEL = "smollm2-135m-instruct"

@@ -15,22 +15,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deployments.config import ModelConfig
-from deployments.errors import ModelPreparationError
-from deployments.weights import embedded
-from deployments.weights.cache import LoadPolicy, WeightStore, fetch_to_cache
-from deployments.weights.integrity import check_file_types
-from deployments.weights.sources import Source, parse_source
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.errors import ModelPreparationError
+from llm_fleet.deployments.weights import embedded
+from llm_fleet.deployments.weights.cache import LoadPolicy, WeightStore, fetch_to_cache
+from llm_fleet.deployments.weights.integrity import check_file_types
+from llm_fleet.deployments.weights.sources import Source, parse_source
 
 
 def store_for(source: Source) -> WeightStore:
     """The remote store behind an ``s3://`` or ``hf://`` source."""
     if source.scheme == "s3":
-        from deployments.weights.s3_store import S3Store
+        from llm_fleet.deployments.weights.s3_store import S3Store
 
         return S3Store(source)
     if source.scheme == "hf":
-        from deployments.weights.hf_store import HFStore
+        from llm_fleet.deployments.weights.hf_store import HFStore
 
         return HFStore(source)
     raise ModelPreparationError(f"{source} is not a remote source")

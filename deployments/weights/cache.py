@@ -1,10 +1,10 @@
 """The node-local weight cache: one verified copy per source and revision per node.
 
 ``fetch_to_cache`` is what every replica calls before its engine starts. It is
-``deployments.weights.build_once`` (one builder per node under a file lock, a temporary folder
-renamed into place, leftovers of a killed download deleted, never reused) around a
-download in which each file is checked against its digest as it lands, and the
-``.llm-fleet-complete.json`` marker is written last.
+``build_once`` (``deployments/weights/build_once.py``: one builder per node under a
+file lock, a temporary folder renamed into place, leftovers of a killed download
+deleted, never reused) around a download in which each file is checked against its
+digest as it lands, and the ``.llm-fleet-complete.json`` marker is written last.
 
 The cache root is ``$LLM_FLEET_WEIGHT_CACHE`` or ``~/.cache/llm-fleet/weights``.
 """
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from deployments.errors import ModelPreparationError
-from deployments.weights.build_once import build_once
-from deployments.weights.integrity import Digest, check_file_types, is_pickle, verify_file
+from llm_fleet.deployments.errors import ModelPreparationError
+from llm_fleet.deployments.weights.build_once import build_once
+from llm_fleet.deployments.weights.integrity import Digest, check_file_types, is_pickle, verify_file
 
 logger = logging.getLogger("llm_fleet.deployments.weights.cache")
 

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deployments.errors import ConfigError, ModelPreparationError
-from deployments.weights import embedded, store_for
-from deployments.weights.cache import (
+from llm_fleet.deployments.errors import ConfigError, ModelPreparationError
+from llm_fleet.deployments.weights import embedded, store_for
+from llm_fleet.deployments.weights.cache import (
     LoadPolicy,
     Progress,
     cache_root,
@@ -21,8 +21,8 @@ from deployments.weights.cache import (
     is_complete,
     recorded_digests,
 )
-from deployments.weights.integrity import MANIFEST_NAME, parse_manifest, verify_file
-from deployments.weights.sources import parse_source
+from llm_fleet.deployments.weights.integrity import MANIFEST_NAME, parse_manifest, verify_file
+from llm_fleet.deployments.weights.sources import parse_source
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -55,7 +55,7 @@ def _local_folder(what: str) -> Path:
 
 
 def _push(options: argparse.Namespace) -> int:
-    from deployments.weights.s3_store import S3Store
+    from llm_fleet.deployments.weights.s3_store import S3Store
 
     source = parse_source(options.dest)
     if source.scheme != "s3":

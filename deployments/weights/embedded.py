@@ -26,8 +26,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployments.errors import ModelPreparationError
-from deployments.weights.build_once import build_once
+from llm_fleet.deployments.errors import ModelPreparationError
+from llm_fleet.deployments.weights.build_once import build_once
 
 logger = logging.getLogger("llm_fleet.deployments.weights.embedded")
 

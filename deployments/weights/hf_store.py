@@ -30,10 +30,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from deployments.errors import ConfigError, ModelPreparationError
-from deployments.weights.cache import Progress, RemoteFile
-from deployments.weights.integrity import MANIFEST_NAME, Digest, parse_manifest, verify_file
-from deployments.weights.sources import Source
+from llm_fleet.deployments.errors import ConfigError, ModelPreparationError
+from llm_fleet.deployments.weights.cache import Progress, RemoteFile
+from llm_fleet.deployments.weights.integrity import (
+    MANIFEST_NAME,
+    Digest,
+    parse_manifest,
+    verify_file,
+)
+from llm_fleet.deployments.weights.sources import Source
 
 ENDPOINT_ENV = "HF_ENDPOINT"
 _PUBLIC_HOSTS = ("huggingface.co", "hf.co")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from deployments.errors import ModelPreparationError
+from llm_fleet.deployments.errors import ModelPreparationError
 
 MANIFEST_NAME = "MANIFEST.sha256"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

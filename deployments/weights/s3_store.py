@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deployments.errors import ModelPreparationError
-from deployments.weights.cache import Progress, RemoteFile
-from deployments.weights.integrity import MANIFEST_NAME, parse_manifest, write_manifest
-from deployments.weights.sources import Source
+from llm_fleet.deployments.errors import ModelPreparationError
+from llm_fleet.deployments.weights.cache import Progress, RemoteFile
+from llm_fleet.deployments.weights.integrity import MANIFEST_NAME, parse_manifest, write_manifest
+from llm_fleet.deployments.weights.sources import Source
 
 if TYPE_CHECKING:
     from collections.abc import Callable

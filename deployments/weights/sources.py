@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from deployments.errors import ConfigError
+from llm_fleet.deployments.errors import ConfigError
 
 Scheme = Literal["embedded", "local", "s3", "hf"]
 

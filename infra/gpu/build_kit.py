@@ -272,7 +272,7 @@ def build(args: argparse.Namespace) -> int:
         gone = repack(wheel, stage / "wheels" / wheel.name, TRIM.get(wheel_name(wheel), ()))
         if gone:
             print(f"{wheel.name}: {len(gone)} entries trimmed")
-    from deployments.weights import embedded
+    from llm_fleet.deployments.weights import embedded
 
     stage_model(stage, embedded.prepare("smollm2-135m-instruct"))
 

@@ -55,8 +55,8 @@ sys.path.insert(0, str(HERE))
 from build_kit import DUMMY_MODEL_CONFIG, DUMMY_MODEL_ID, TOKENIZER_FILES  # noqa: E402
 
 from bench import serve_bench  # noqa: E402
-from deployments import launcher  # noqa: E402
-from deployments.weights import embedded  # noqa: E402
+from llm_fleet.deployments import launcher  # noqa: E402
+from llm_fleet.deployments.weights import embedded  # noqa: E402
 
 EMBEDDED = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France? Answer in one word."
@@ -147,7 +147,7 @@ def import_check() -> dict[str, Any]:
     code = (
         "import time; t=time.time()\n"
         "import vllm.entrypoints.openai.api_server, vllm.model_executor.models.llama\n"
-        "import ray.serve, deployments.vllm_engine, router.app\n"
+        "import ray.serve, llm_fleet.deployments.vllm_engine, llm_fleet.router.app\n"
         "print(round(time.time()-t, 1))"
     )
     done = subprocess.run(
@@ -250,7 +250,9 @@ def ask_embedded(
 
 
 def convert_embedded(logs: Path) -> subprocess.Popen[bytes]:
-    code = f"from deployments.weights import embedded; print(embedded.prepare({EMBEDDED!r}))"
+    code = (
+        f"from llm_fleet.deployments.weights import embedded; print(embedded.prepare({EMBEDDED!r}))"
+    )
     log = (logs / "convert.log").open("wb")
     return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log, cwd=REPO)
 

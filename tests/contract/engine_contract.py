@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
-from deployments.engine import Reply, Route
+from llm_fleet.deployments.engine import Reply, Route
 
 DONE = "data: [DONE]\n\n"
 TIMEOUT_S = 120.0  # a generous ceiling for a small model on CPU; the fake takes ms

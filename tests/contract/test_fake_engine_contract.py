@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from deployments.engine import Reply, Route
+from llm_fleet.deployments.engine import Reply, Route
 from tests.contract.engine_contract import (
     CHAT_CHECKS,
     COMPLETIONS_CHECKS,

@@ -1,6 +1,6 @@
 """One running fleet for every serve test: real Ray Serve, real vLLM on CPU.
 
-The app is started the way ``make serve`` starts it (``deployments.launcher`` →
+The app is started the way ``make serve`` starts it (``llm_fleet.deployments.launcher`` →
 ``serve run``), from ``serve_config.local.yaml`` with test edits: a free HTTP port; a
 Ray Serve ``deployments:`` override of SmolLM2's autoscaling, written the way an
 operator would (the scaling test relies on it); and three more models whose weights
@@ -23,10 +23,10 @@ import httpx
 import pytest
 import yaml
 
-from deployments import launcher
-from deployments.weights import embedded
-from deployments.weights.s3_store import S3Store
-from deployments.weights.sources import parse_source
+from llm_fleet.deployments import launcher
+from llm_fleet.deployments.weights import embedded
+from llm_fleet.deployments.weights.s3_store import S3Store
+from llm_fleet.deployments.weights.sources import parse_source
 from tests.weights.hfmirror import Mirror, make_mirror_repo, start_mirror
 from tests.weights.s3server import S3Server, start_s3_server
 

@@ -17,10 +17,10 @@ from typing import Any
 
 from ray.serve import Application
 
-from deployments.builder import load_config
-from deployments.config import ModelConfig
-from deployments.engine import EngineInfo
-from router.builder import build_fleet as build_real_fleet
+from llm_fleet.deployments.builder import load_config
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.engine import EngineInfo
+from llm_fleet.router.builder import build_fleet as build_real_fleet
 from tests.fake_engine import FakeEngine
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from deployments.engine import EngineRequest, Reply, Route
+from llm_fleet.deployments.engine import EngineRequest, Reply, Route
 from tests.contract.engine_contract import CHAT_CHECKS, COMPLETIONS_CHECKS, Check
 from tests.serve.conftest import CHAT_MODEL, COMPLETION_MODEL, deployment_handle
 

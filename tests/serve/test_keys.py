@@ -29,8 +29,8 @@ import httpx
 import openai
 import pytest
 
-from deployments.caller_watch import PERIOD_S as CALLER_CHECK_S
-from deployments.keys import KeysFile, create_key, load_keys, revoke_key, write_keys
+from llm_fleet.deployments.caller_watch import PERIOD_S as CALLER_CHECK_S
+from llm_fleet.deployments.keys import KeysFile, create_key, load_keys, revoke_key, write_keys
 from tests.serve.conftest import CHAT_MODEL, Fleet
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -70,8 +70,8 @@ def limits_app(
     import ray
     from ray import serve
 
-    from router.builder import build_app, build_direct_app
-    from router.shared_limits import NAMESPACE, actor_name
+    from llm_fleet.router.builder import build_app, build_direct_app
+    from llm_fleet.router.shared_limits import NAMESPACE, actor_name
 
     keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
     key_a = create_key(keys_file, "team-a", models=[MODEL], rpm=RPM)
@@ -356,7 +356,7 @@ def test_keys_added_changed_and_revoked_while_serving(limits_app: LimitsApp) -> 
 def _limits_snapshot() -> dict[str, Any]:
     import ray
 
-    from router.shared_limits import NAMESPACE, actor_name
+    from llm_fleet.router.shared_limits import NAMESPACE, actor_name
 
     actor = ray.get_actor(actor_name(APP), namespace=NAMESPACE)
     snapshot: dict[str, Any] = ray.get(actor.snapshot.remote(), timeout=10)
@@ -408,7 +408,7 @@ def test_a_dead_router_replicas_slot_and_generation_end(limits_app: LimitsApp) -
 
 
 def _key_id(keys_file: Path, name: str) -> str:
-    from deployments.keys import list_keys
+    from llm_fleet.deployments.keys import list_keys
 
     return next(key.id for key in list_keys(keys_file) if key.name == name)
 

@@ -7,15 +7,15 @@ from typing import Any
 
 import pytest
 
-from deployments.builder import (
+from llm_fleet.deployments.builder import (
     deployment_options,
     direct_app_name,
     direct_model_config,
     load_config,
 )
-from deployments.config import ModelConfig
-from deployments.errors import ConfigError
-from router.builder import router_options
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.errors import ConfigError
+from llm_fleet.router.builder import router_options
 
 
 def model(model_id: str, **fields: Any) -> dict[str, Any]:
@@ -202,7 +202,7 @@ DIRECT_ARGS: dict[str, Any] = {"models": [model("alpha", direct=True), model("be
 
 
 def test_direct_models_get_no_deployment_in_the_fleet_app() -> None:
-    from deployments.builder import build_model_apps
+    from llm_fleet.deployments.builder import build_model_apps
 
     apps = build_model_apps(load_config(DIRECT_ARGS, {}))
     assert list(apps) == ["beta"]  # alpha's replicas are its direct app's ingress
@@ -239,7 +239,7 @@ def test_direct_model_left_out_by_the_allowlist_serves_nothing() -> None:
 
 
 def test_fleet_app_of_a_direct_app() -> None:
-    from router.direct import fleet_app_of
+    from llm_fleet.router.direct import fleet_app_of
 
     assert fleet_app_of("fleet.alpha", "alpha") == "fleet"
     assert fleet_app_of("prod.eu.llama-3.1-8b", "llama-3.1-8b") == "prod.eu"

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from deployments.caller_watch import CallerWatch
+from llm_fleet.deployments.caller_watch import CallerWatch
 from tests.fake_engine import FakeEngine
 
 # ignore_eos: the fake repeats its words until max_tokens, as a long answer would.

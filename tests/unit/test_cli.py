@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments.cli import main
-from deployments.weights import embedded
+from llm_fleet.deployments.cli import main
+from llm_fleet.deployments.weights import embedded
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = str(REPO / "serve_config.local.yaml")
@@ -35,7 +35,7 @@ def write_config(tmp_path: Path, applications: list[dict[str, Any]]) -> str:
 def fleet_app(*models: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": "fleet",
-        "import_path": "router.builder:build_app",
+        "import_path": "llm_fleet.router.builder:build_app",
         "args": {"models": list(models)},
     }
 
@@ -117,7 +117,7 @@ def direct_app(name: str, fleet_args: dict[str, Any], model_id: str) -> dict[str
     return {
         "name": name,
         "route_prefix": f"/m/{model_id}",
-        "import_path": "router.builder:build_direct_app",
+        "import_path": "llm_fleet.router.builder:build_direct_app",
         "args": {**fleet_args, "direct_model": model_id},
     }
 
@@ -185,7 +185,7 @@ def test_validate_without_fleet_app_exits_1(
     path.write_text(text)
     assert main(["validate", str(path)]) == 1
     err = capsys.readouterr().err
-    assert err == f"{path}: no application with import_path router.builder:build_app\n"
+    assert err == f"{path}: no application with import_path llm_fleet.router.builder:build_app\n"
 
 
 def test_validate_several_files_reports_each(

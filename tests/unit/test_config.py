@@ -11,14 +11,14 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from deployments import config as config_module
-from deployments import fleet_settings
-from deployments.builder import load_config
-from deployments.config import FleetConfig, RouterConfig
-from deployments.errors import ConfigError
+from llm_fleet.deployments import config as config_module
+from llm_fleet.deployments import fleet_settings
+from llm_fleet.deployments.builder import load_config
+from llm_fleet.deployments.config import FleetConfig, RouterConfig
+from llm_fleet.deployments.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-APP_IMPORT_PATH = "router.builder:build_app"
+APP_IMPORT_PATH = "llm_fleet.router.builder:build_app"
 
 
 def model(model_id: str = "tiny", **fields: Any) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from deployments.config import CpuBindingConfig, ModelConfig
-from deployments.cpu_placement import (
+from llm_fleet.deployments.config import CpuBindingConfig, ModelConfig
+from llm_fleet.deployments.cpu_placement import (
     CoreClaims,
     engine_pool,
     format_core_list,
@@ -20,7 +20,7 @@ from deployments.cpu_placement import (
     place_engine,
     this_process,
 )
-from deployments.model_deployment import bind_engine_cores
+from llm_fleet.deployments.model_deployment import bind_engine_cores
 
 
 class FakeLiveness:
@@ -133,7 +133,7 @@ def test_real_process_owners_expire_with_their_process(tmp_path: Path) -> None:
     path = tmp_path / "claims.json"
     script = (
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]);"
-        "from deployments.cpu_placement import CoreClaims, this_process;"
+        "from llm_fleet.deployments.cpu_placement import CoreClaims, this_process;"
         "print(CoreClaims(Path(sys.argv[1])).claim(this_process(), 1, [0, 1]))"
     )
     repo = str(Path(__file__).resolve().parents[2])

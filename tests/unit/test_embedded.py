@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from deployments.errors import ModelPreparationError
-from deployments.weights import embedded
+from llm_fleet.deployments.errors import ModelPreparationError
+from llm_fleet.deployments.weights import embedded
 
 SMOL = "smollm2-135m-instruct"
 GEMMA = "gemma-3-270m"

@@ -6,14 +6,14 @@ import pickle
 
 import pytest
 
-from deployments.engine import (
+from llm_fleet.deployments.engine import (
     CONTEXT_LENGTH_EXCEEDED,
     EngineError,
     EngineRequest,
     Reply,
     error_reply,
 )
-from router.api_errors import (
+from llm_fleet.router.api_errors import (
     BadRequestError,
     InternalServerError,
     ServiceUnavailableError,

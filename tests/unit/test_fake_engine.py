@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from deployments.config import ModelConfig
-from deployments.engine import Reply, Route
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.engine import Reply, Route
 from tests.fake_engine import COMPLETION_DEFAULT_MAX_TOKENS, FakeEngine
 
 

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from deployments.engine import Reply
-from deployments.frame_coalescing import coalesce_frames, split_frames
-from router.accounting import RequestRecord
-from router.sse import DONE_FRAME, UsageTap
+from llm_fleet.deployments.engine import Reply
+from llm_fleet.deployments.frame_coalescing import coalesce_frames, split_frames
+from llm_fleet.router.accounting import RequestRecord
+from llm_fleet.router.sse import DONE_FRAME, UsageTap
 from tests.fake_engine import FakeEngine
 
 

@@ -11,10 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments import keys
-from deployments.cli import main
-from deployments.errors import ConfigError
-from deployments.keys import create_key, hash_key, key_matches, list_keys, load_keys, revoke_key
+from llm_fleet.deployments import keys
+from llm_fleet.deployments.cli import main
+from llm_fleet.deployments.errors import ConfigError
+from llm_fleet.deployments.keys import (
+    create_key,
+    hash_key,
+    key_matches,
+    list_keys,
+    load_keys,
+    revoke_key,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from deployments.config import ModelConfig
-from deployments.errors import ModelPreparationError
-from deployments.weights import resolve_weights
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.errors import ModelPreparationError
+from llm_fleet.deployments.weights import resolve_weights
 
 
 def _model(folder: Path, **engine_args: Any) -> ModelConfig:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from router.api_errors import InternalServerError, ServiceUnavailableError
-from router.model_client import HandleModelClient
+from llm_fleet.router.api_errors import InternalServerError, ServiceUnavailableError
+from llm_fleet.router.model_client import HandleModelClient
 
 
 class FakeResponse:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from deployments.config import ModelConfig
-from deployments.replica_status import STALE_AFTER_S, Phase, ReplicaPhase
-from router.model_status import (
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.replica_status import STALE_AFTER_S, Phase, ReplicaPhase
+from llm_fleet.router.model_status import (
     RECENT_FAILURE_S,
     AlwaysReady,
     DeploymentView,

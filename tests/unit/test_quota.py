@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.types import Message
 
-from deployments.keys import create_key
-from router.auth import KeyLimits, KeyRing, Principal
-from router.quota import LOCAL_HOLDER, Admission, LocalLimits
+from llm_fleet.deployments.keys import create_key
+from llm_fleet.router.auth import KeyLimits, KeyRing, Principal
+from llm_fleet.router.quota import LOCAL_HOLDER, Admission, LocalLimits
 from tests.fakes import (
     COMPLETIONS_MODEL,
     FakeStatusSource,
@@ -392,7 +392,7 @@ def test_shared_limits_count_locally_while_the_actor_is_unreachable(
 ) -> None:
     from ray.exceptions import RaySystemError
 
-    from router.shared_limits import SharedLimits
+    from llm_fleet.router.shared_limits import SharedLimits
 
     shared = SharedLimits("app")
 
@@ -416,7 +416,7 @@ class FakeActorHandle:
     of the real ``_LimitsActor``, in this process. ``failing`` methods raise once."""
 
     def __init__(self, lease_s: float | None = None, failing: tuple[str, ...] = ()) -> None:
-        from router.shared_limits import _LimitsActor
+        from llm_fleet.router.shared_limits import _LimitsActor
 
         self.actor = _LimitsActor(lease_s)
         self.calls: list[str] = []
@@ -441,7 +441,7 @@ class FakeActorHandle:
 def test_shared_limits_release_to_the_count_that_admitted() -> None:
     from ray.exceptions import RaySystemError
 
-    from router.shared_limits import SharedLimits
+    from llm_fleet.router.shared_limits import SharedLimits
 
     shared, handle, key = SharedLimits("app"), FakeActorHandle(), principal(concurrency=1)
 
@@ -478,7 +478,7 @@ def test_shared_limits_release_to_the_count_that_admitted() -> None:
 def test_shared_limits_renew_the_lease_while_requests_are_in_flight(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from router.shared_limits import SharedLimits
+    from llm_fleet.router.shared_limits import SharedLimits
 
     shared = SharedLimits("app", lease_s=0.3)  # renews every 0.1 s
     handle, key = FakeActorHandle(lease_s=0.3, failing=("renew",)), principal()
@@ -528,7 +528,7 @@ def test_a_renewal_sets_the_holders_slots_to_what_it_really_holds() -> None:
 
 
 def test_shared_limits_a_lost_release_is_corrected_by_the_next_renewal() -> None:
-    from router.shared_limits import SharedLimits
+    from llm_fleet.router.shared_limits import SharedLimits
 
     shared = SharedLimits("app", lease_s=0.3)  # renews every 0.1 s
     handle, key = FakeActorHandle(lease_s=60, failing=("release",)), principal(concurrency=2)

@@ -20,11 +20,11 @@ import httpx
 import pytest
 from starlette.types import Message
 
-from deployments.engine import Reply, Route
-from deployments.keys import create_key
-from router.accounting import RequestRecord
-from router.auth import KeyRing, Principal
-from router.quota import LOCAL_HOLDER, Admission, LocalLimits
+from llm_fleet.deployments.engine import Reply, Route
+from llm_fleet.deployments.keys import create_key
+from llm_fleet.router.accounting import RequestRecord
+from llm_fleet.router.auth import KeyRing, Principal
+from llm_fleet.router.quota import LOCAL_HOLDER, Admission, LocalLimits
 from tests.fake_engine import FakeEngine
 from tests.fakes import (
     CHAT_MODEL,

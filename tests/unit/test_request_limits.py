@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.config import RequestLimits
+from llm_fleet.deployments.config import RequestLimits
 from tests.fakes import COMPLETIONS_MODEL, RecordingMetrics, make_fleet
 from tests.unit.ops_helpers import CHAT_PATH, COMPLETIONS_PATH, chat, openai_error
 

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from ray._common.formatters import JSONFormatter
 from starlette.types import Message
 
-from router.api_errors import ServiceUnavailableError
+from llm_fleet.router.api_errors import ServiceUnavailableError
 from tests.fakes import (
     CHAT_MODEL,
     COMPLETIONS_MODEL,

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from deployments.errors import ConfigError
-from deployments.keys import create_key, load_keys, new_key, revoke_key, write_keys
-from router.auth import KeyRing, bearer_token, load_keyring
+from llm_fleet.deployments.errors import ConfigError
+from llm_fleet.deployments.keys import create_key, load_keys, new_key, revoke_key, write_keys
+from llm_fleet.router.auth import KeyRing, bearer_token, load_keyring
 from tests.fakes import (
     CHAT_MODEL,
     COMPLETIONS_MODEL,
@@ -396,7 +396,7 @@ def test_the_background_watch_reloads_without_any_request(
 def test_no_key_material_reaches_any_log(
     keys: Keys, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from deployments.cli import main
+    from llm_fleet.deployments.cli import main
 
     caplog.set_level(logging.DEBUG)
     assert main(["keys", "create", "--file", str(keys.path), "--name", "cli"]) == 0

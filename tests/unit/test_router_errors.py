@@ -11,9 +11,9 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.engine import Reply, Route
-from router.api_errors import InternalServerError, ServiceUnavailableError
-from router.app import create_app
+from llm_fleet.deployments.engine import Reply, Route
+from llm_fleet.router.api_errors import InternalServerError, ServiceUnavailableError
+from llm_fleet.router.app import create_app
 from tests.fakes import (
     CHAT_MODEL,
     COMPLETIONS_MODEL,

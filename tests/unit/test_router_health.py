@@ -11,8 +11,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.engine import Reply, Route
-from router.model_status import State
+from llm_fleet.deployments.engine import Reply, Route
+from llm_fleet.router.model_status import State
 from tests.fake_engine import FakeEngine
 from tests.fakes import (
     CHAT_MODEL,

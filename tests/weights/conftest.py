@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.weights.cache import CACHE_ENV
+from llm_fleet.deployments.weights.cache import CACHE_ENV
 from tests.weights.models import write_model
 from tests.weights.s3server import S3Server, start_s3_server
 

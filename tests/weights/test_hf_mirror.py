@@ -17,12 +17,17 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from deployments.errors import ConfigError, ModelPreparationError
-from deployments.weights import embedded, resolve_weights
-from deployments.weights.cache import CACHE_ENV, LoadPolicy, fetch_to_cache, recorded_digests
-from deployments.weights.hf_store import HFStore
-from deployments.weights.integrity import MANIFEST_NAME, file_digest, write_manifest
-from deployments.weights.sources import Source, parse_source
+from llm_fleet.deployments.errors import ConfigError, ModelPreparationError
+from llm_fleet.deployments.weights import embedded, resolve_weights
+from llm_fleet.deployments.weights.cache import (
+    CACHE_ENV,
+    LoadPolicy,
+    fetch_to_cache,
+    recorded_digests,
+)
+from llm_fleet.deployments.weights.hf_store import HFStore
+from llm_fleet.deployments.weights.integrity import MANIFEST_NAME, file_digest, write_manifest
+from llm_fleet.deployments.weights.sources import Source, parse_source
 from tests.weights.cli import error_line, llm_fleet
 from tests.weights.hfmirror import (
     EgressTrap,
@@ -298,7 +303,7 @@ def test_embedded_smollm2_served_by_the_mirror_lands_identical(
     hf_mirror: Mirror, mirror_env: dict[str, str]
 ) -> None:
     """The real model the serve tests load, through the mirror and ``resolve_weights``."""
-    from deployments.config import ModelConfig
+    from llm_fleet.deployments.config import ModelConfig
 
     original = embedded.prepare("smollm2-135m-instruct")
     source = publish(hf_mirror, original, lfs=("*.safetensors",))

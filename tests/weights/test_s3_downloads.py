@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from deployments.config import ModelConfig
-from deployments.weights import resolve_weights
-from deployments.weights.cache import LoadPolicy, fetch_to_cache, is_complete
-from deployments.weights.s3_store import S3Store
-from deployments.weights.sources import parse_source
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.weights import resolve_weights
+from llm_fleet.deployments.weights.cache import LoadPolicy, fetch_to_cache, is_complete
+from llm_fleet.deployments.weights.s3_store import S3Store
+from llm_fleet.deployments.weights.sources import parse_source
 from tests.weights.cli import REPO, llm_fleet
 from tests.weights.models import MB, model_files, write_model
 from tests.weights.s3server import S3Server
@@ -28,9 +28,9 @@ pytestmark = pytest.mark.timeout(90)
 # A replica's start, held at a barrier so two processes call fetch_to_cache together.
 _REPLICA = """
 import sys
-from deployments.weights import store_for
-from deployments.weights.cache import LoadPolicy, fetch_to_cache
-from deployments.weights.sources import parse_source
+from llm_fleet.deployments.weights import store_for
+from llm_fleet.deployments.weights.cache import LoadPolicy, fetch_to_cache
+from llm_fleet.deployments.weights.sources import parse_source
 
 source = parse_source(sys.argv[1])
 store = store_for(source)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from deployments.config import ModelConfig
-from deployments.errors import ModelPreparationError
-from deployments.weights import resolve_weights
-from deployments.weights.cache import is_complete
-from deployments.weights.integrity import MANIFEST_NAME
-from deployments.weights.s3_store import S3Store
-from deployments.weights.sources import parse_source
+from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.errors import ModelPreparationError
+from llm_fleet.deployments.weights import resolve_weights
+from llm_fleet.deployments.weights.cache import is_complete
+from llm_fleet.deployments.weights.integrity import MANIFEST_NAME
+from llm_fleet.deployments.weights.s3_store import S3Store
+from llm_fleet.deployments.weights.sources import parse_source
 from tests.weights.cli import error_line, llm_fleet
 from tests.weights.models import model_files, write_model
 from tests.weights.s3server import SECRET_ACCESS_KEY, S3Server, free_port
