@@ -98,8 +98,8 @@ gpu-rehearsal: models $(VLLM026_STAMP)
 		--output-len 16 --deadline-s 1200 --embedded-s 300
 
 lint: $(STAMP)
-	$(BIN)/ruff check deployments router tests bench infra
-	$(BIN)/ruff format --check deployments router tests bench infra
+	$(BIN)/ruff check llm_fleet deployments router tests bench infra
+	$(BIN)/ruff format --check llm_fleet deployments router tests bench infra
 	$(BIN)/mypy
 
 # llm-fleet against bare vLLM with vLLM's own client, then the router's own ceiling
