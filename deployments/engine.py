@@ -21,7 +21,7 @@ The real engine (``deployments/vllm_engine.py``) and the fake one
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -125,8 +125,11 @@ class LLMEngine(Protocol):
 
     def generate(
         self, route: Route, body: dict[str, Any], request_id: str
-    ) -> AsyncIterator[str | Reply]:
-        """Serve one OpenAI request; see the module docstring for what it yields."""
+    ) -> AsyncGenerator[str | Reply, None]:
+        """Serve one OpenAI request; see the module docstring for what it yields.
+
+        An async generator: closing it before its end aborts the generation.
+        """
         ...
 
     async def check_health(self) -> None:

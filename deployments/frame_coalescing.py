@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 from llm_fleet.deployments.engine import Reply
 
@@ -34,7 +34,9 @@ def split_frames(item: str) -> Iterator[str]:
         start = end
 
 
-async def coalesce_frames(items: AsyncIterator[str | Reply]) -> AsyncIterator[str | Reply]:
+async def coalesce_frames(
+    items: AsyncIterator[str | Reply],
+) -> AsyncGenerator[str | Reply, None]:
     """``items``, with the string frames that are ready when asked for joined into one.
 
     A task reads ``items`` into a queue as fast as they come; closing this generator

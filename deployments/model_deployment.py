@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -160,10 +161,12 @@ class ModelDeployment:
         if self._coalesce:
             stream = coalesce_frames(stream)
         try:
-            async for item in stream:
-                if isinstance(item, Reply):
-                    item = dataclasses.replace(item, engine_s=time.perf_counter() - started)
-                yield item
+            # Closed here, not whenever it is collected: closing aborts the generation.
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    if isinstance(item, Reply):
+                        item = dataclasses.replace(item, engine_s=time.perf_counter() - started)
+                    yield item
         finally:
             if untrack is not None:
                 untrack()

@@ -13,7 +13,14 @@ import logging
 
 
 def log_through_serve(*names: str, level: int = logging.INFO) -> None:
+    """Send the loggers ``names`` (and their children) to Ray Serve's handlers.
+
+    Outside a replica Serve's logger has no handlers: logging is left as the process
+    set it up (a script, a test run).
+    """
     serve_handlers = list(logging.getLogger("ray.serve").handlers)
+    if not serve_handlers:
+        return
     for name in names:
         ours = logging.getLogger(name)
         ours.setLevel(level)

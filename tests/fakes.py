@@ -1,34 +1,35 @@
-"""Hand-written doubles for the unit tests: the router's model clients over FakeEngine.
+"""Hand-written doubles for the unit tests of the router.
 
-``FakeModelClient`` stands where ``HandleModelClient`` stands in production, so
-``llm_fleet.router.app.create_app`` runs unchanged over it; it can also raise what a real
-client raises (a dead replica, back-pressure, a failure mid-stream).
-``FakeStatusSource`` stands where the Ray Serve status board stands, and
-``RecordingMetrics`` where the Ray metrics do.
+The router reaches each model through the production ``HandleModelClient`` over a
+``ReplicaHandle`` (``tests/fake_handle.py``): a stand-in for Ray's transport in front
+of a real ``ModelDeployment`` whose engine is a ``FakeEngine``. The handle can fail as
+Serve does (back-pressure, a dead replica mid-stream). ``FakeStatusSource`` stands
+where the Ray Serve status board stands, and ``RecordingMetrics`` where the Ray
+metrics do.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import json
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import Message
 
-from llm_fleet.deployments.config import FleetConfig
-from llm_fleet.deployments.engine import Reply, Route
+from llm_fleet.deployments.config import FleetConfig, ModelConfig
 from llm_fleet.router.accounting import RequestRecord
 from llm_fleet.router.app import MetricsText, create_app
 from llm_fleet.router.auth import KeyRing
+from llm_fleet.router.model_client import HandleModelClient, ModelClient
 from llm_fleet.router.model_status import ModelStatus, State
 from llm_fleet.router.quota import LimitBackend
 from tests.fake_engine import FakeEngine
+from tests.fake_handle import ReplicaHandle, start_replica
 
 CHAT_MODEL = "smollm2-135m-instruct"
 COMPLETIONS_MODEL = "gemma-3-270m"
@@ -39,45 +40,28 @@ MAX_TOKENS_LIMIT = 64
 MAX_MODEL_LEN = 256
 
 
-class FakeModelClient:
-    """A ``ModelClient`` over a ``FakeEngine``.
+def fake_weights() -> Path:
+    """A local model folder for replicas of the fake engine: a ``config.json`` and an
+    empty safetensors file (the fake reads no weights). One per test process, removed
+    at exit."""
+    global _weights
+    if _weights is None:
+        _weights = tempfile.TemporaryDirectory(prefix="llm-fleet-fake-weights-")
+        (Path(_weights.name) / "config.json").write_text("{}")
+        (Path(_weights.name) / "model.safetensors").write_bytes(b"")
+    return Path(_weights.name)
 
-    ``error_before_first`` is raised before anything is yielded; ``error_mid_stream``
-    is raised in place of item number ``error_after`` (counting from 0).
-    ``stamp_engine_time`` sets ``Reply.engine_s`` as ``ModelDeployment`` does.
-    """
 
-    def __init__(
-        self,
-        engine: FakeEngine,
-        *,
-        error_before_first: Exception | None = None,
-        error_mid_stream: Exception | None = None,
-        error_after: int = 1,
-        stamp_engine_time: bool = False,
-    ) -> None:
-        self.engine = engine
-        self.error_before_first = error_before_first
-        self.error_mid_stream = error_mid_stream
-        self.error_after = error_after
-        self.stamp_engine_time = stamp_engine_time
+_weights: tempfile.TemporaryDirectory[str] | None = None
 
-    async def stream(
-        self, route: Route, body: dict[str, Any], request_id: str
-    ) -> AsyncIterator[str | Reply]:
-        if self.error_before_first is not None:
-            raise self.error_before_first
-        # Closing this stream closes the engine's, as HandleModelClient cancels its call.
-        started = time.perf_counter()
-        async with contextlib.aclosing(self.engine.generate(route, body, request_id)) as items:
-            sent = 0
-            async for item in items:
-                if self.error_mid_stream is not None and sent == self.error_after:
-                    raise self.error_mid_stream
-                if self.stamp_engine_time and isinstance(item, Reply):
-                    item = dataclasses.replace(item, engine_s=time.perf_counter() - started)
-                yield item
-                sent += 1
+
+def replica_client(
+    model: ModelConfig, engine: FakeEngine, **handle_options: Any
+) -> tuple[HandleModelClient, ReplicaHandle]:
+    """The production client over a handle to a real ``ModelDeployment`` of ``engine``;
+    ``handle_options`` go to ``ReplicaHandle`` (refusals, a dead replica, queueing)."""
+    handle = ReplicaHandle(start_replica(model, engine, fake_weights()), **handle_options)
+    return HandleModelClient(model.id, handle), handle  # type: ignore[arg-type]
 
 
 class FakeStatusSource:
@@ -187,6 +171,7 @@ class Fleet:
 
     app: FastAPI
     engines: dict[str, FakeEngine] = field(default_factory=dict)
+    handles: dict[str, ReplicaHandle] = field(default_factory=dict)
 
     async def unfinished(self) -> int:
         return sum([await engine.num_unfinished_requests() for engine in self.engines.values()])
@@ -195,8 +180,8 @@ class Fleet:
 def make_fleet(
     *,
     token_delay_s: float = 0.0,
-    client_options: dict[str, Any] | None = None,
-    extra_clients: dict[str, FakeModelClient] | None = None,
+    handle_options: dict[str, Any] | None = None,
+    extra_clients: Mapping[str, ModelClient] | None = None,
     model_fields: Mapping[str, Mapping[str, Any]] | None = None,
     status: FakeStatusSource | None = None,
     metrics: RecordingMetrics | None = None,
@@ -207,7 +192,8 @@ def make_fleet(
 ) -> Fleet:
     """The router app over fake engines for the allowed models.
 
-    ``client_options`` go to every ``FakeModelClient`` (e.g. an error to raise);
+    ``handle_options`` go to every ``ReplicaHandle`` (e.g. a refusal to raise);
+    ``extra_clients`` add or replace model clients;
     ``model_fields`` add per-model config fields (see ``fleet_config``); ``status``,
     ``metrics``, ``metrics_text``, ``keys`` and ``limits`` go to ``create_app``;
     ``router`` overrides ``RouterConfig`` fields.
@@ -216,12 +202,15 @@ def make_fleet(
         model_id: FakeEngine(model_id, max_model_len=MAX_MODEL_LEN, token_delay_s=token_delay_s)
         for model_id in (CHAT_MODEL, COMPLETIONS_MODEL)
     }
-    clients = {
-        model_id: FakeModelClient(engine, **(client_options or {}))
-        for model_id, engine in engines.items()
-    }
-    clients.update(extra_clients or {})
     config = fleet_config(model_fields=model_fields, **router)
+    clients: dict[str, ModelClient] = {}
+    handles: dict[str, ReplicaHandle] = {}
+    for model in config.models:
+        if model.id in engines:
+            clients[model.id], handles[model.id] = replica_client(
+                model, engines[model.id], **(handle_options or {})
+            )
+    clients.update(extra_clients or {})
     app = create_app(
         config,
         clients,
@@ -231,7 +220,7 @@ def make_fleet(
         keys=keys,
         limits=limits,
     )
-    return Fleet(app=app, engines=engines)
+    return Fleet(app=app, engines=engines, handles=handles)
 
 
 def post_scope(path: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,12 @@ import httpx
 import pytest
 from starlette.types import Message
 
-from llm_fleet.deployments.engine import Reply, Route
 from llm_fleet.deployments.keys import create_key
 from llm_fleet.router.accounting import RequestRecord
 from llm_fleet.router.auth import KeyRing, Principal
 from llm_fleet.router.quota import LOCAL_HOLDER, Admission, LocalLimits
-from tests.fake_engine import FakeEngine
 from tests.fakes import (
-    CHAT_MODEL,
-    MAX_MODEL_LEN,
     AsgiChannel,
-    FakeModelClient,
     Fleet,
     RecordingMetrics,
     make_fleet,
@@ -63,21 +57,6 @@ class SlowLimits(LocalLimits):
 
     def in_flight(self) -> int:
         return sum(key["in_flight"] for key in self.snapshot()["keys"].values())
-
-
-class LingeringClient:
-    """A model client whose stream ends a while after its last frame, as a Serve handle
-    stream's end arrives after vLLM's ``[DONE]``."""
-
-    def __init__(self, inner: FakeModelClient, linger_s: float) -> None:
-        self.inner, self.linger_s = inner, linger_s
-
-    async def stream(
-        self, route: Route, body: dict[str, Any], request_id: str
-    ) -> AsyncIterator[str | Reply]:
-        async for item in self.inner.stream(route, body, request_id):
-            yield item
-        await asyncio.sleep(self.linger_s)
 
 
 def keyed(tmp_path: Path, limits: LocalLimits, **fleet: Any) -> tuple[Fleet, dict[str, str]]:
@@ -152,9 +131,11 @@ def test_a_client_closing_on_done_is_a_whole_answer(tmp_path: Path) -> None:
     """SDKs close the connection once ``[DONE]`` arrives: the relay ends there, so the
     request is a 200 with its tokens charged, not a 499."""
     limits, metrics = SlowLimits(), RecordingMetrics()
-    engine = FakeEngine(CHAT_MODEL, max_model_len=MAX_MODEL_LEN)
-    client = LingeringClient(FakeModelClient(engine), linger_s=2.0)
-    fleet, headers = keyed(tmp_path, limits, metrics=metrics, extra_clients={CHAT_MODEL: client})
+    # A Serve handle stream's end arrives after vLLM's ``[DONE]``: here 2 s after.
+    lingering = {"end_lag_s": 2.0}
+    fleet, headers = keyed(
+        tmp_path, limits, metrics=metrics, token_delay_s=0.01, handle_options=lingering
+    )
     raw = json.dumps(chat("a b c", stream=True)).encode()
     sent: list[Message] = []
     done = asyncio.Event()

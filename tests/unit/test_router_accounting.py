@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from ray._common.formatters import JSONFormatter
 from starlette.types import Message
 
-from llm_fleet.router.api_errors import ServiceUnavailableError
+from tests.fake_handle import BACK_PRESSURE
 from tests.fakes import (
     CHAT_MODEL,
     COMPLETIONS_MODEL,
@@ -46,20 +46,9 @@ from tests.unit.ops_helpers import (
 # --- Server-Timing ------------------------------------------------------------------
 
 
-def test_server_timing_without_engine_time_has_routing_and_total() -> None:
-    # FakeEngine leaves Reply.engine_s unset (ModelDeployment sets it in production),
-    # so the router cannot split the model's time into queue and engine.
-    with TestClient(make_fleet().app) as http:
-        response = http.post(CHAT_PATH, json=chat())
-    assert response.status_code == 200
-    timings = server_timing(response)
-    assert list(timings) == ["routing", "total"]
-    assert 0 <= timings["routing"] <= timings["total"]
-
-
 def test_server_timing_splits_routing_queue_engine_and_total() -> None:
     words, delay_s = 5, 0.02
-    fleet = make_fleet(token_delay_s=delay_s, client_options={"stamp_engine_time": True})
+    fleet = make_fleet(token_delay_s=delay_s)
     with TestClient(fleet.app) as http:
         response = http.post(CHAT_PATH, json=chat(" ".join(["w"] * words)))
     assert response.status_code == 200
@@ -71,21 +60,17 @@ def test_server_timing_splits_routing_queue_engine_and_total() -> None:
     assert parts == pytest.approx(timings["total"], abs=0.3)  # each rounded to 0.1 ms
 
 
-@pytest.mark.parametrize("stamped", [False, True])
-def test_server_timing_on_an_engine_refusal_only_with_engine_time(stamped: bool) -> None:
-    fleet = make_fleet(client_options={"stamp_engine_time": stamped})
+def test_server_timing_on_an_engine_refusal_has_the_engine_time() -> None:
+    fleet = make_fleet()
     too_long = " ".join(["word"] * (MAX_MODEL_LEN + 1))
     with TestClient(fleet.app) as http:
         response = http.post(CHAT_PATH, json=chat(too_long))
     openai_error(response, 400, "context_length_exceeded")
-    if stamped:
-        assert list(server_timing(response)) == ["routing", "queue", "engine", "total"]
-    else:
-        assert "server-timing" not in response.headers
+    assert list(server_timing(response)) == ["routing", "queue", "engine", "total"]
 
 
 def test_no_server_timing_on_streams_or_router_refusals() -> None:
-    fleet = make_fleet(client_options={"stamp_engine_time": True})
+    fleet = make_fleet()
     with TestClient(fleet.app) as http:
         stream = http.post(CHAT_PATH, json=chat(stream=True))
         refused = http.post(CHAT_PATH, json=chat(max_tokens=MAX_TOKENS_LIMIT + 1))
@@ -203,8 +188,7 @@ def test_a_refused_request_is_recorded_with_its_reason(
 
 def test_back_pressure_is_recorded_as_an_overload_rejection() -> None:
     metrics = RecordingMetrics()
-    busy = ServiceUnavailableError(f"Model '{CHAT_MODEL}' is at capacity; retry shortly.")
-    fleet = make_fleet(metrics=metrics, client_options={"error_before_first": busy})
+    fleet = make_fleet(metrics=metrics, handle_options={"refuse": BACK_PRESSURE})
     with TestClient(fleet.app) as http:
         response = http.post(CHAT_PATH, json=chat())
     openai_error(response, 503, "service_unavailable")
@@ -215,8 +199,7 @@ def test_back_pressure_is_recorded_as_an_overload_rejection() -> None:
 
 def test_back_pressure_is_recorded_once_and_leaves_nothing_in_flight() -> None:
     metrics = RecordingMetrics()
-    busy = ServiceUnavailableError(f"Model '{CHAT_MODEL}' is at capacity; retry shortly.")
-    fleet = make_fleet(metrics=metrics, client_options={"error_before_first": busy})
+    fleet = make_fleet(metrics=metrics, handle_options={"refuse": BACK_PRESSURE})
     with TestClient(fleet.app) as http:
         http.post(CHAT_PATH, json=chat())
     assert_paired(metrics, dispatched=1)
@@ -278,7 +261,7 @@ def test_a_stream_failing_midway_is_finished_once_as_500() -> None:
     metrics = RecordingMetrics()
     fleet = make_fleet(
         metrics=metrics,
-        client_options={"error_mid_stream": RuntimeError("replica died"), "error_after": 3},
+        handle_options={"death": RuntimeError("replica died"), "die_after": 3},
     )
     with TestClient(fleet.app) as http:
         response = http.post(CHAT_PATH, json=chat("a b c d e f", stream=True))

@@ -10,13 +10,15 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.fake_engine import FakeEngine
 from tests.fakes import (
     CHAT_MODEL,
     COMPLETIONS_MODEL,
     DEFAULT_MAX_TOKENS,
     NOT_ALLOWED_MODEL,
-    FakeModelClient,
+    fleet_config,
     make_fleet,
+    replica_client,
 )
 
 WORDS_40 = " ".join(f"w{i}" for i in range(40))
@@ -58,7 +60,9 @@ def test_models_lists_the_configured_models_that_have_a_client(sdk: openai.OpenA
 
 
 def test_a_client_for_an_unconfigured_model_is_not_served() -> None:
-    stray = FakeModelClient(make_fleet().engines[CHAT_MODEL])
+    configured = fleet_config().models[0]
+    stray_model = configured.model_copy(update={"id": "stray-model"})
+    stray, _ = replica_client(stray_model, FakeEngine("stray-model"))
     with TestClient(make_fleet(extra_clients={"stray-model": stray}).app) as http:
         listed = [card["id"] for card in http.get("/v1/models").json()["data"]]
         chat_reply = http.post("/v1/chat/completions", json={**chat("hi"), "model": "stray-model"})

@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from llm_fleet.deployments.engine import Reply, Route
-from llm_fleet.router.api_errors import InternalServerError, ServiceUnavailableError
 from llm_fleet.router.app import create_app
+from tests.fake_handle import BACK_PRESSURE
 from tests.fakes import (
     CHAT_MODEL,
     COMPLETIONS_MODEL,
@@ -178,7 +178,7 @@ def test_an_unsafe_request_id_is_replaced(http: TestClient, unsafe: str) -> None
 
 
 def test_an_engine_failure_mid_stream_is_an_error_frame_then_done() -> None:
-    fleet = make_fleet(client_options={"error_mid_stream": RuntimeError(SECRET), "error_after": 3})
+    fleet = make_fleet(handle_options={"death": RuntimeError(SECRET), "die_after": 3})
     with TestClient(fleet.app) as http:
         response = http.post(CHAT_PATH, json=chat("a b c d e f", stream=True))
     assert response.status_code == 200
@@ -194,7 +194,7 @@ def test_an_engine_failure_mid_stream_is_an_error_frame_then_done() -> None:
 
 
 def test_the_sdk_raises_on_an_error_frame() -> None:
-    fleet = make_fleet(client_options={"error_mid_stream": RuntimeError(SECRET), "error_after": 2})
+    fleet = make_fleet(handle_options={"death": RuntimeError(SECRET), "die_after": 2})
     with TestClient(fleet.app) as http:
         sdk = openai.OpenAI(
             base_url="http://testserver/v1", api_key="k", http_client=http, max_retries=0
@@ -207,14 +207,13 @@ def test_the_sdk_raises_on_an_error_frame() -> None:
     assert SECRET not in str(caught.value)
 
 
-@pytest.mark.parametrize(
-    "failure", [RuntimeError(SECRET), InternalServerError(f"model x: {SECRET}")]
-)
+@pytest.mark.parametrize("at_call", [False, True], ids=["first-item", "at-call"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_an_engine_failure_before_the_answer_is_a_500_that_hides_it(
-    failure: Exception, stream: bool
+def test_a_replica_failure_before_the_answer_is_a_500_that_hides_it(
+    at_call: bool, stream: bool
 ) -> None:
-    fleet = make_fleet(client_options={"error_before_first": failure})
+    failure = {"refuse": RuntimeError(SECRET), "refuse_at_call": at_call}
+    fleet = make_fleet(handle_options=failure)
     with TestClient(fleet.app, raise_server_exceptions=False) as http:
         response = http.post(CHAT_PATH, json=chat(stream=stream), headers={"X-Request-Id": "r-1"})
     error = error_of(response, 500, code="internal_error")
@@ -240,8 +239,7 @@ def test_an_engine_that_answers_nothing_is_a_500() -> None:
 
 
 def test_back_pressure_is_503_with_retry_after() -> None:
-    busy = ServiceUnavailableError(f"Model '{CHAT_MODEL}' is at capacity; retry shortly.")
-    with TestClient(make_fleet(client_options={"error_before_first": busy}).app) as http:
+    with TestClient(make_fleet(handle_options={"refuse": BACK_PRESSURE}).app) as http:
         response = http.post(CHAT_PATH, json=chat())
     error = error_of(response, 503, code="service_unavailable")
     assert response.headers["retry-after"] == "1"

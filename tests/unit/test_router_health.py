@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from llm_fleet.deployments.engine import Reply, Route
 from llm_fleet.router.model_status import State
-from tests.fake_engine import FakeEngine
 from tests.fakes import (
     CHAT_MODEL,
     COMPLETIONS_MODEL,
-    FakeModelClient,
     FakeStatusSource,
     RecordingMetrics,
     make_fleet,
@@ -258,25 +254,6 @@ async def _lost_while_waiting(
     return response, took, await fleet.unfinished()
 
 
-class HeldInServeQueue:
-    """A model client whose request waits ``held_s`` before the engine sees it, as one
-    in Ray Serve's handle queue waits for a replica."""
-
-    def __init__(self, inner: FakeModelClient, held_s: float) -> None:
-        self.inner, self.held_s, self.cancelled = inner, held_s, False
-
-    async def stream(
-        self, route: Route, body: dict[str, Any], request_id: str
-    ) -> AsyncIterator[str | Reply]:
-        try:
-            await asyncio.sleep(self.held_s)
-        except asyncio.CancelledError:
-            self.cancelled = True
-            raise
-        async for item in self.inner.stream(route, body, request_id):
-            yield item
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_waiting_when_its_model_goes_down_is_503_at_once(stream: bool) -> None:
     """Serve's handle would hold it until a replacement replica runs (a minute for a
@@ -285,15 +262,16 @@ def test_a_request_waiting_when_its_model_goes_down_is_503_at_once(stream: bool)
     status = FakeStatusSource()
     status.set(CHAT_MODEL, "ready")
     policy = {CHAT_MODEL: {"unavailable": {"retry_after_s": 11}}}
-    held = HeldInServeQueue(FakeModelClient(FakeEngine(CHAT_MODEL)), held_s=10)
-    fleet = make_fleet(status=status, model_fields=policy, extra_clients={CHAT_MODEL: held})
+    # Serve's handle queue holds the call (for a replica that never comes, in time).
+    fleet = make_fleet(status=status, model_fields=policy, handle_options={"queued_s": 10})
     body = chat(max_tokens=20, stream=stream)
     response, took, _ = asyncio.run(_lost_while_waiting(fleet, status, 0.2, body))
     error = openai_error(response, 503, "model_not_ready")
     assert response.headers["retry-after"] == "11"
     assert "is loading" in error["message"]
     assert took < 1.5
-    assert held.cancelled  # the request left the model's queue
+    [call] = fleet.handles[CHAT_MODEL].responses
+    assert call.left_queue  # the request left the model's queue
 
 
 def test_in_queue_mode_a_request_waits_for_the_model_to_come_back() -> None:
