@@ -23,7 +23,7 @@ VLLM026_STAMP := $(VLLM026_VENV)/.installed
 # The engine contract on the fake and the real engine, and the API smoke tests.
 VLLM026_TESTS := tests/contract tests/serve/test_contract_real.py tests/serve/test_api.py
 
-.PHONY: install models serve test test-unit test-vllm026 gpu-kit gpu-rehearsal lint bench clean \
+.PHONY: install models serve test test-unit wheel-check test-vllm026 gpu-kit gpu-rehearsal lint bench clean \
 	prometheus
 
 install: $(STAMP) $(MIRROR_STAMP)
@@ -55,6 +55,10 @@ prometheus:
 
 test: models $(MIRROR_STAMP) prometheus
 	$(BIN)/python -m pytest
+
+# The wheel alone, in a fresh venv beside the CPU stack, serves a chat via serve run.
+wheel-check: models
+	bash infra/wheel_check.sh
 
 test-unit: $(STAMP) prometheus
 	$(BIN)/python -m pytest tests/unit tests/contract
