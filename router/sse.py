@@ -45,7 +45,14 @@ class UsageTap:
         return "".join(kept) or None
 
     def frame(self, frame: str, record: RequestRecord) -> str | None:
-        """The frame to relay (None: drop it), after noting what it says."""
+        """The frame to relay (None: drop it), after noting what it says.
+
+        vLLM's serving layer hands its chunks over as SSE text, so the usage is read
+        from the parsed chunk: its ``usage`` object and an empty ``choices`` list
+        decide. The test for the quoted key only spares parsing the frames that cannot
+        hold one (a JSON object with a ``usage`` key always contains ``"usage"``; the
+        words of generated text arrive escaped, ``\\"usage\\"``).
+        """
         if frame == DONE_FRAME:
             return frame
         if '"usage"' in frame:
