@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -29,6 +28,7 @@ from pathlib import Path
 from llm_fleet.deployments.errors import ModelPreparationError
 from llm_fleet.deployments.weights.build_once import build_once
 from llm_fleet.deployments.weights.integrity import file_digest
+from llm_fleet.deployments.weights.node_settings import node_dir
 
 logger = logging.getLogger("llm_fleet.deployments.weights.embedded")
 
@@ -66,12 +66,9 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 
 
 def model_store_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The folder that holds converted embedded models (``prepare`` creates it)."""
-    env = os.environ if environ is None else environ
-    configured = env.get(MODEL_STORE_ENV)
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".cache" / "llm-fleet" / "models"
+    """The folder that holds converted embedded models (``prepare`` creates it), on
+    this node (``$LLM_FLEET_MODEL_STORE``, read on the node)."""
+    return node_dir(MODEL_STORE_ENV, "llm-fleet/models", environ)
 
 
 def _package_dir(module: str) -> Path:

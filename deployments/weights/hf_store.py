@@ -22,7 +22,6 @@ Digests, as an olah mirror (a git repository per model) gives them in the listin
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -38,6 +37,7 @@ from llm_fleet.deployments.weights.integrity import (
     parse_manifest,
     verify_file,
 )
+from llm_fleet.deployments.weights.node_settings import node_setting
 from llm_fleet.deployments.weights.sources import Source
 
 ENDPOINT_ENV = "HF_ENDPOINT"
@@ -48,8 +48,7 @@ _REASON_LINES = 2
 
 def mirror_endpoint(environ: Mapping[str, str] | None = None) -> str:
     """The mirror URL from ``HF_ENDPOINT``; ConfigError if unset or the public hub."""
-    env = os.environ if environ is None else environ
-    endpoint = env.get(ENDPOINT_ENV, "").strip().rstrip("/")
+    endpoint = node_setting(ENDPOINT_ENV, environ).rstrip("/")
     host = (urlsplit(endpoint).hostname or "").lower()
     if not host:
         raise ConfigError(
@@ -66,8 +65,7 @@ def mirror_endpoint(environ: Mapping[str, str] | None = None) -> str:
 
 def _offline(environ: Mapping[str, str] | None = None) -> bool:
     # Read per call, as huggingface_hub's own constant is frozen at its import.
-    env = os.environ if environ is None else environ
-    return env.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return node_setting("HF_HUB_OFFLINE", environ).lower() in {"1", "true", "yes", "on"}
 
 
 def _digest(entry: Any) -> Digest | None:
