@@ -28,7 +28,7 @@ from llm_fleet.deployments.replica_status import Phase, PhaseReporter
 from llm_fleet.deployments.serve_logging import log_through_serve
 from llm_fleet.deployments.weights import resolve_weights
 
-logger = logging.getLogger("llm_fleet.deployments.model_deployment")
+logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ModelConfig, Path], LLMEngine]
 _REMOTE_SCHEMES = ("s3://", "hf://")

@@ -24,7 +24,7 @@ from llm_fleet.deployments.weights.build_once import build_once
 from llm_fleet.deployments.weights.integrity import Digest, check_file_types, is_pickle, verify_file
 from llm_fleet.deployments.weights.node_settings import node_dir
 
-logger = logging.getLogger("llm_fleet.deployments.weights.cache")
+logger = logging.getLogger(__name__)
 
 CACHE_ENV = "LLM_FLEET_WEIGHT_CACHE"
 COMPLETE_MARKER = ".llm-fleet-complete.json"

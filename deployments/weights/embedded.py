@@ -30,7 +30,7 @@ from llm_fleet.deployments.weights.build_once import build_once
 from llm_fleet.deployments.weights.integrity import file_digest
 from llm_fleet.deployments.weights.node_settings import node_dir
 
-logger = logging.getLogger("llm_fleet.deployments.weights.embedded")
+logger = logging.getLogger(__name__)
 
 MODEL_STORE_ENV = "LLM_FLEET_MODEL_STORE"
 MARKER_FILE = ".llm-fleet-embedded.json"
