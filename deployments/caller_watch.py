@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-logger = logging.getLogger("llm_fleet.deployments.caller_watch")
+logger = logging.getLogger(__name__)
 PERIOD_S = 5.0
 
 

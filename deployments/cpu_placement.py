@@ -40,7 +40,7 @@ from typing import Literal
 import psutil
 from filelock import FileLock
 
-logger = logging.getLogger("llm_fleet.deployments.cpu_placement")
+logger = logging.getLogger(__name__)
 
 BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 CORE_LIST_PATTERN = r"^\d+(-\d+)?(,\d+(-\d+)?)*$"

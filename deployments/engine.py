@@ -10,7 +10,8 @@ comes back is an async stream of items:
 - a non-streaming request yields exactly one :class:`Reply`.
 
 A failed request's ``Reply`` is made by :func:`error_reply`, the one place an engine
-error takes its shape; the router reads it back as an :class:`EngineError`
+error takes its shape (its body by :func:`error_body`, which also builds the router's
+own error bodies); the router reads it back as an :class:`EngineError`
 (``Reply.error``) and maps it by status and code, never by the message's wording.
 
 Plain ``str`` and a small dataclass cross the Ray handle cheaply. Cancelling the
@@ -95,6 +96,24 @@ class Reply:
         )
 
 
+def error_body(
+    message: str,
+    error_type: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """The OpenAI error body ``{"error": {"message", "type", "param", "code"}}``, plus
+    ``request_id`` when given: the one function that builds it, for an engine's
+    :func:`error_reply` and for the router's HTTP responses and SSE error frames
+    (``router/errors.py``)."""
+    error: dict[str, Any] = {"message": message, "type": error_type, "param": param, "code": code}
+    if request_id is not None:
+        error["request_id"] = request_id
+    return {"error": error}
+
+
 def error_reply(
     status: int,
     message: str,
@@ -104,8 +123,7 @@ def error_reply(
     code: str | None = None,
 ) -> Reply:
     """A failed request's Reply: the one place an engine error takes its shape."""
-    error = {"message": message, "type": error_type, "param": param, "code": code}
-    return Reply(status=status, body={"error": error})
+    return Reply(status=status, body=error_body(message, error_type, param=param, code=code))
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from llm_fleet.deployments.caller_watch import CallerWatch
 from llm_fleet.deployments.config import CpuBindingConfig, ModelConfig
 from llm_fleet.deployments.cpu_placement import (
@@ -25,12 +23,13 @@ from llm_fleet.deployments.cpu_placement import (
     this_process,
 )
 from llm_fleet.deployments.engine import EngineInfo, EngineRequest, LLMEngine, Reply
+from llm_fleet.deployments.errors import exception_reason
 from llm_fleet.deployments.frame_coalescing import coalesce_frames
 from llm_fleet.deployments.replica_status import Phase, PhaseReporter
 from llm_fleet.deployments.serve_logging import log_through_serve
 from llm_fleet.deployments.weights import resolve_weights
 
-logger = logging.getLogger("llm_fleet.deployments.model_deployment")
+logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ModelConfig, Path], LLMEngine]
 _REMOTE_SCHEMES = ("s3://", "hf://")
@@ -40,21 +39,6 @@ def vllm_engine_factory(model: ModelConfig, path: Path) -> LLMEngine:
     from llm_fleet.deployments.vllm_engine import VLLMEngine
 
     return VLLMEngine(model, path)
-
-
-def failure_reason(exc: BaseException) -> str:
-    """One line for /health: the error's type and the first line of its message.
-
-    A pydantic ValidationError (vLLM validates its configs with pydantic) gives its
-    first error's message: its own first line only names the class that failed.
-    """
-    if isinstance(exc, ValidationError) and exc.errors():
-        first = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
-    else:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        first = lines[0] if lines else ""
-    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return text[:500]
 
 
 def _phase_reporter() -> PhaseReporter | None:
@@ -138,7 +122,7 @@ class ModelDeployment:
             self._info = await self._engine.start()
         except BaseException as exc:
             if self._phase is not None:
-                self._phase.set("failed", failure_reason(exc))
+                self._phase.set("failed", exception_reason(exc))
             raise
         placement: dict[str, Any] = {"node_id": _node_id(), "cpu_cores": None}
         self._report("serving", {**placement, **(cores.as_json() if cores else {})})

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from ray.exceptions import RayError
 
-logger = logging.getLogger("llm_fleet.deployments.replica_status")
+logger = logging.getLogger(__name__)
 
 Phase = Literal["downloading", "loading", "serving", "failed"]
 STARTING_PHASES = ("downloading", "loading")

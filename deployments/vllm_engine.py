@@ -31,7 +31,7 @@ from llm_fleet.deployments.engine import (
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
-logger = logging.getLogger("llm_fleet.deployments.vllm_engine")
+logger = logging.getLogger(__name__)
 
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     # bf16 on CPU produces garbage text with vLLM's CPU kernels; eager loads ~4x faster.

@@ -25,8 +25,10 @@ from typing import Any
 from llm_fleet.deployments.engine import Route
 from llm_fleet.router.api_errors import APIError
 
+# The access log keeps its own documented name (README, Logs); every other logger is
+# named after its module.
 access_logger = logging.getLogger("llm_fleet.access")
-logger = logging.getLogger("llm_fleet.router")
+logger = logging.getLogger(__name__)
 UNKNOWN_MODEL = "unknown"
 # Closing work that outlived the request task that started it (see ``uninterrupted``).
 _closing: set[asyncio.Future[None]] = set()

@@ -37,7 +37,7 @@ from llm_fleet.router.routes import MetricsText, inference_routes, metrics_route
 
 __all__ = ["MetricsText", "create_app"]
 
-logger = logging.getLogger("llm_fleet.router")
+logger = logging.getLogger(__name__)
 
 
 def create_app(

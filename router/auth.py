@@ -26,7 +26,7 @@ from llm_fleet.deployments.errors import ConfigError
 from llm_fleet.deployments.keys import ALL_MODELS, KEY_PREFIX, KeyEntry, hash_key, load_keys
 from llm_fleet.router.api_errors import AuthenticationError
 
-logger = logging.getLogger("llm_fleet.auth")
+logger = logging.getLogger(__name__)
 # Longer than any key we issue, short enough that hashing it costs nothing.
 _MAX_KEY_CHARS = 256
 _Signature = tuple[int, int, int] | None

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.errors import short_reason
 from llm_fleet.deployments.replica_status import STARTING_PHASES, ReplicaPhase
 
 State = Literal["ready", "downloading", "loading", "idle", "failed"]
@@ -76,13 +77,6 @@ class ModelStatus:
         }
 
 
-def _first_line(text: str) -> str | None:
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()[:500]
-    return None
-
-
 def derive_status(
     model: ModelConfig,
     view: DeploymentView | None,
@@ -118,7 +112,7 @@ def derive_status(
     if running > 0:
         return status("ready", **counts)
     if view.status == "DEPLOY_FAILED" or (view.status == "UNHEALTHY" and starting == 0):
-        return status("failed", last_failure or _first_line(view.message) or view.status, **counts)
+        return status("failed", last_failure or short_reason(view.message) or view.status, **counts)
     loading = [p for p in phases.values() if p.phase in STARTING_PHASES and p.fresh(now)]
     if starting > 0 or loading:
         downloading = any(p.phase == "downloading" for p in loading)

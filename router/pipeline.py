@@ -52,7 +52,7 @@ from llm_fleet.router.relay import Finish, stream_response
 from llm_fleet.router.request_id import request_id_of
 from llm_fleet.router.sse import UsageTap, ask_for_usage
 
-logger = logging.getLogger("llm_fleet.router.pipeline")
+logger = logging.getLogger(__name__)
 
 
 class Pipeline:

@@ -50,7 +50,7 @@ from llm_fleet.router.auth import Principal
 WINDOW_S = 60.0
 # The holder of every slot when one process counts for itself.
 LOCAL_HOLDER = "local"
-logger = logging.getLogger("llm_fleet.quota")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

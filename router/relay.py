@@ -24,7 +24,7 @@ from llm_fleet.router.errors import error_frame
 from llm_fleet.router.guards import Deadline
 from llm_fleet.router.sse import DONE_FRAME, SSE_HEADERS, UsageTap
 
-logger = logging.getLogger("llm_fleet.router.relay")
+logger = logging.getLogger(__name__)
 
 # Finishes a request's record once: metrics, the access line, its key's hold released.
 Finish = Callable[[RequestRecord], Awaitable[None]]

@@ -40,7 +40,7 @@ from ray.exceptions import RayError
 from llm_fleet.router.auth import Principal
 from llm_fleet.router.quota import Admission, LocalLimits
 
-logger = logging.getLogger("llm_fleet.quota")
+logger = logging.getLogger(__name__)
 NAMESPACE = "llm_fleet"
 
 

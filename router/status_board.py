@@ -29,7 +29,7 @@ from llm_fleet.router.model_status import DeploymentView, ModelStatus, derive_st
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
-logger = logging.getLogger("llm_fleet.router")
+logger = logging.getLogger(__name__)
 # A wake call is a real request to the model's handle: it waits in Serve's queue, which
 # is what makes the autoscaler add a replica, and is dropped after this long.
 WAKE_TIMEOUT_S = 900.0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-logger = logging.getLogger("llm_fleet.deployments.weights.build_once")
+logger = logging.getLogger(__name__)
 
 
 def build_once(

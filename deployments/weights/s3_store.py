@@ -8,6 +8,8 @@ config files or the instance role, and path-style addressing from the shared con
 
 Layout: ``s3://bucket/prefix/<files>`` plus ``MANIFEST.sha256`` beside them, written
 last by ``push`` so a half-pushed model is never taken for a whole one.
+
+A failure's message quotes botocore's (one line), which names no credentials.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llm_fleet.deployments.errors import ModelPreparationError
+from llm_fleet.deployments.errors import ModelPreparationError, exception_reason
 from llm_fleet.deployments.weights.cache import Progress, RemoteFile
 from llm_fleet.deployments.weights.integrity import MANIFEST_NAME, parse_manifest, write_manifest
 from llm_fleet.deployments.weights.sources import Source
@@ -38,11 +40,6 @@ def _transfer_config() -> Any:
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(multipart_chunksize=64 * _MB, max_concurrency=8)
-
-
-def _reason(exc: Exception) -> str:
-    """A short, secret-free reason: botocore's messages name no credentials."""
-    return f"{type(exc).__name__}: {exc}"
 
 
 class S3Store:
@@ -69,7 +66,7 @@ class S3Store:
                 for item in page.get("Contents", []):
                     objects[item["Key"][len(base) :]] = int(item["Size"])
         except (BotoCoreError, ClientError) as exc:
-            reason = _reason(exc)
+            reason = exception_reason(exc, lines=None)
             raise ModelPreparationError(f"{self.description}: cannot list: {reason}") from None
         if not objects:
             raise ModelPreparationError(f"{self.description}: no objects under this prefix")
@@ -85,8 +82,9 @@ class S3Store:
                 body = self._client.get_object(Bucket=self._bucket, Key=self._key(MANIFEST_NAME))
                 digests = parse_manifest(body["Body"].read().decode())
             except (BotoCoreError, ClientError) as exc:
+                reason = exception_reason(exc, lines=None)
                 raise ModelPreparationError(
-                    f"{self.description}: cannot read {MANIFEST_NAME}: {_reason(exc)}"
+                    f"{self.description}: cannot read {MANIFEST_NAME}: {reason}"
                 ) from None
         missing = sorted(set(digests) - set(objects))
         if missing:
@@ -113,8 +111,9 @@ class S3Store:
                 Config=_transfer_config(),
             )
         except (BotoCoreError, ClientError, Boto3Error) as exc:
+            reason = exception_reason(exc, lines=None)
             raise ModelPreparationError(
-                f"{self.description}: downloading {file.name} failed: {_reason(exc)}"
+                f"{self.description}: downloading {file.name} failed: {reason}"
             ) from None
 
     def push(self, folder: Path, on_bytes: Callable[[int], None] | None = None) -> list[str]:
@@ -139,7 +138,6 @@ class S3Store:
             )
         except (BotoCoreError, ClientError, Boto3Error) as exc:
             # upload_file wraps a failed request in boto3's S3UploadFailedError.
-            raise ModelPreparationError(
-                f"{self.description}: push failed: {_reason(exc)}"
-            ) from None
+            reason = exception_reason(exc, lines=None)
+            raise ModelPreparationError(f"{self.description}: push failed: {reason}") from None
         return names

@@ -25,7 +25,6 @@ on the joined parts. ``device_install.sh`` installs it on the device;
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -234,14 +233,6 @@ def split(archive: Path, carry: Path, part_bytes: int) -> list[Path]:
     return parts
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as src:
-        while chunk := src.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def stage_model(stage: Path, tokenizer_dir: Path) -> Path:
     folder = stage / "models" / DUMMY_MODEL_ID
     folder.mkdir(parents=True, exist_ok=True)
@@ -273,6 +264,7 @@ def build(args: argparse.Namespace) -> int:
         if gone:
             print(f"{wheel.name}: {len(gone)} entries trimmed")
     from llm_fleet.deployments.weights import embedded
+    from llm_fleet.deployments.weights.integrity import file_digest
 
     stage_model(stage, embedded.prepare("smollm2-135m-instruct"))
 
@@ -285,7 +277,9 @@ def build(args: argparse.Namespace) -> int:
         if tar.wait():
             raise RuntimeError("tar failed")
     parts = split(archive, KIT / "carry", PART_MIB << 20)
-    (parts[-1].parent / "kit.sha256").write_text(f"{sha256(archive)}  {archive.name}\n")
+    (parts[-1].parent / "kit.sha256").write_text(
+        f"{file_digest(archive, 'sha256')}  {archive.name}\n"
+    )
     archive.unlink()
     return check(parts)
 

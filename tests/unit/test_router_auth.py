@@ -295,9 +295,9 @@ def test_refused_keys_are_counted_as_auth_and_the_access_line_names_the_key_id(
 
 
 def test_without_a_keys_file_the_router_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="llm_fleet.auth")
+    caplog.set_level(logging.WARNING, logger="llm_fleet.router.auth")
     assert load_keyring(fleet_config()) is None
-    [record] = [r for r in caplog.records if r.name == "llm_fleet.auth"]
+    [record] = [r for r in caplog.records if r.name == "llm_fleet.router.auth"]
     assert record.levelno == logging.WARNING and "AUTH IS OFF" in record.getMessage()
 
 
@@ -323,7 +323,7 @@ def edit_entry(path: Path, name: str, **changes: Any) -> None:
 def test_keys_added_changed_and_revoked_while_serving(
     keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="llm_fleet.auth")
+    caplog.set_level(logging.INFO, logger="llm_fleet.router.auth")
     with TestClient(make_fleet(keys=keys.ring()).app) as http:
         added = create_key(keys.path, "added-later")
         assert http.post(
@@ -372,7 +372,7 @@ def test_the_file_is_read_again_only_after_poll_s(keys: Keys) -> None:
 def test_the_background_watch_reloads_without_any_request(
     keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="llm_fleet.auth")
+    caplog.set_level(logging.INFO, logger="llm_fleet.router.auth")
 
     async def scenario() -> int:
         ring = KeyRing.from_file(keys.path, poll_s=0.05)
@@ -425,7 +425,9 @@ def test_no_key_material_reaches_any_log(
     main(["keys", "list", "--file", str(keys.path)])
     main(["keys", "revoke", "--file", str(keys.path), "cli"])
     assert any(r.name == "llm_fleet.access" for r in caplog.records)
-    assert any(r.levelno == logging.ERROR and r.name == "llm_fleet.auth" for r in caplog.records)
+    assert any(
+        r.levelno == logging.ERROR and r.name == "llm_fleet.router.auth" for r in caplog.records
+    )
 
     secrets = [*keys.plain.values(), unknown]
     secrets += [s.removeprefix("lfk_") for s in secrets]
