@@ -274,7 +274,8 @@ def test_a_stream_is_charged_its_usage_even_when_the_client_did_not_ask(tmp_path
     body = {"model": COMPLETIONS_MODEL, "prompt": "one two three", "stream": True}
     with TestClient(fleet.app) as http:
         response = http.post(COMPLETIONS_PATH, json=body, headers=limited)
-    assert all("usage" not in chunk for chunk in sse_payloads(response))
+    chunks = sse_payloads(response)
+    assert chunks and all("usage" not in chunk for chunk in chunks)
     assert [tokens for _, tokens in limits.released] == [6]
 
 
