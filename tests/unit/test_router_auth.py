@@ -4,10 +4,12 @@ and key material kept out of every log."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -191,6 +193,33 @@ def test_bearer_token_parsing() -> None:
     assert bearer_token("BEARER   lfk_abc ") == "lfk_abc"
     for value in (None, "", "lfk_abc", "Bearer abc", "Bearer lfk_a lfk_b", "Basic lfk_abc"):
         assert bearer_token(value) is None
+
+
+def test_authenticate_compares_every_key_whichever_matches(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No early exit: how long a check takes says nothing about which key matched."""
+    from llm_fleet.router import auth
+
+    ring, compared = keys.ring(), []
+
+    def compare_digest(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return hmac.compare_digest(a, b)
+
+    monkeypatch.setattr(auth, "hmac", SimpleNamespace(compare_digest=compare_digest))
+    seen = {}
+    for case in ("all", "elsewhere", "unknown key"):
+        header = keys.header(case) if case in keys.plain else auth_headers(keys, case)
+        compared.clear()
+        principal = ring.authenticate(header["Authorization"])
+        seen[case] = (principal and principal.name, len(compared), len(set(compared)))
+    every = (len(ring), len(ring))
+    assert seen == {
+        "all": ("all", *every),
+        "elsewhere": ("elsewhere", *every),
+        "unknown key": (None, *every),
+    }
 
 
 def test_401_comes_before_reading_the_body(http: TestClient) -> None:
