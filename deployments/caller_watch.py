@@ -12,6 +12,7 @@ distinct caller with requests in flight (a handful of router replicas, however m
 requests), whether that caller is still alive, and cancels the requests of the ones
 that are gone. Cancelling is what a disconnect does, so the engine aborts the same way.
 A lookup that fails (the GCS briefly away) counts as alive: never cancel on doubt.
+The watch runs only while some request is tracked (``deployments/background.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+
+from llm_fleet.deployments.background import PeriodicLoop, Sleep
 
 logger = logging.getLogger(__name__)
 PERIOD_S = 5.0
@@ -42,12 +45,22 @@ class CallerWatch:
     """Cancels the tracked tasks of callers that died (see the module docstring)."""
 
     def __init__(
-        self, is_alive: Callable[[str], bool] = serve_replica_alive, period_s: float = PERIOD_S
+        self,
+        is_alive: Callable[[str], bool] = serve_replica_alive,
+        period_s: float = PERIOD_S,
+        *,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._is_alive = is_alive
-        self._period_s = period_s
         self._tasks: dict[str, set[asyncio.Task[object]]] = {}
-        self._loop_task: asyncio.Task[None] | None = None
+        self._watch = PeriodicLoop(
+            "the caller watch",
+            self._cancel_orphans,
+            period_s,
+            while_=lambda: bool(self._tasks),
+            sleep=sleep,
+            logger=logger,
+        )
 
     def track(self, caller: str) -> Callable[[], None]:
         """Watch the current task for ``caller``; returns the function that stops it."""
@@ -56,8 +69,7 @@ class CallerWatch:
             return lambda: None
         tasks = self._tasks.setdefault(caller, set())
         tasks.add(task)
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.create_task(self._watch())
+        self._watch.start()  # no-op while it runs
 
         def untrack() -> None:
             tasks.discard(task)
@@ -66,20 +78,17 @@ class CallerWatch:
 
         return untrack
 
-    async def _watch(self) -> None:
-        while self._tasks:
-            await asyncio.sleep(self._period_s)
-            for caller in list(self._tasks):
-                if await asyncio.to_thread(self._is_alive, caller):
-                    continue
-                orphans = self._tasks.pop(caller, set())
-                logger.warning(
-                    "caller %s is gone: aborting its %d request(s) in flight", caller, len(orphans)
-                )
-                for task in orphans:
-                    task.cancel()
+    async def _cancel_orphans(self) -> None:
+        """One look: cancel the requests of each tracked caller that is gone."""
+        for caller in list(self._tasks):
+            if await asyncio.to_thread(self._is_alive, caller):
+                continue
+            orphans = self._tasks.pop(caller, set())
+            logger.warning(
+                "caller %s is gone: aborting its %d request(s) in flight", caller, len(orphans)
+            )
+            for task in orphans:
+                task.cancel()
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await self._watch.stop()

@@ -12,7 +12,6 @@ material, hashes included, never reaches a log).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import os
@@ -21,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_fleet.deployments.background import Clock, PeriodicLoop, Sleep
 from llm_fleet.deployments.config import FleetConfig
 from llm_fleet.deployments.errors import ConfigError
 from llm_fleet.deployments.keys import ALL_MODELS, KEY_PREFIX, KeyEntry, hash_key, load_keys
@@ -83,20 +83,32 @@ class KeyRing:
         *,
         path: str | Path | None = None,
         poll_s: float = 2.0,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.path = Path(path) if path is not None else None
         self.poll_s = poll_s
+        self._clock = clock
         self._by_hash: dict[str, tuple[bytes, Principal]] = {}
         self._signature: _Signature = None
-        self._checked_at = time.monotonic()
-        self._watcher: asyncio.Task[None] | None = None
+        self._checked_at = clock()
+        self._watch = PeriodicLoop(
+            "keys file watch", self._refresh_tick, poll_s, sleep=sleep, logger=logger
+        )
         self._install(entries)
 
     @classmethod
-    def from_file(cls, path: str | Path, poll_s: float = 2.0) -> KeyRing:
+    def from_file(
+        cls,
+        path: str | Path,
+        poll_s: float = 2.0,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> KeyRing:
         """Load ``path`` now (a ConfigError if it is missing or invalid), then follow it."""
         signature = _signature(Path(path))
-        ring = cls(load_keys(path).keys, path=path, poll_s=poll_s)
+        ring = cls(load_keys(path).keys, path=path, poll_s=poll_s, clock=clock, sleep=sleep)
         ring._signature = signature
         return ring
 
@@ -134,14 +146,14 @@ class KeyRing:
         return principal
 
     def _refresh_if_due(self) -> None:
-        if self.path is not None and time.monotonic() - self._checked_at >= self.poll_s:
+        if self.path is not None and self._clock() - self._checked_at >= self.poll_s:
             self.refresh()
 
     def refresh(self) -> bool:
         """Re-read the file if it changed; True when new keys were installed."""
         if self.path is None:
             return False
-        self._checked_at = time.monotonic()
+        self._checked_at = self._clock()
         signature = _signature(self.path)
         if signature == self._signature:
             return False
@@ -164,23 +176,14 @@ class KeyRing:
 
     async def start(self) -> None:
         """Watch the file in the background, every ``poll_s``."""
-        if self.path is not None and self._watcher is None:
-            self._watcher = asyncio.create_task(self._watch())
+        if self.path is not None:
+            self._watch.start()
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        await self._watch.stop()
 
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            try:
-                self.refresh()
-            except Exception:
-                logger.exception("keys file watch failed; retrying")
+    async def _refresh_tick(self) -> None:
+        self.refresh()
 
 
 def _signature(path: Path) -> _Signature:

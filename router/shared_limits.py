@@ -30,13 +30,14 @@ so the counts agree once all of them have ended).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 import uuid
 from typing import Any
 
 from ray.exceptions import RayError
 
+from llm_fleet.deployments.background import Clock, PeriodicLoop, Sleep
 from llm_fleet.router.auth import Principal
 from llm_fleet.router.quota import Admission, LocalLimits
 
@@ -45,8 +46,8 @@ NAMESPACE = "llm_fleet"
 
 
 class _LimitsActor:
-    def __init__(self, lease_s: float | None = None) -> None:
-        self._limits = LocalLimits(lease_s=lease_s)
+    def __init__(self, lease_s: float | None = None, clock: Clock = time.monotonic) -> None:
+        self._limits = LocalLimits(clock, lease_s=lease_s)
 
     async def admit(self, principal: Principal, est_tokens: int, holder: str) -> Admission:
         return await self._limits.admit(principal, est_tokens, holder)
@@ -73,6 +74,7 @@ class SharedLimits:
     ``lease_s`` is given to the actor when this instance creates it; with
     ``get_if_exists`` the first replica to create it sets the lease for all, and as the
     actor is detached a new value takes effect only once that actor is gone (killed).
+    ``sleep`` is what the renewal loop waits with (a test injects a fake one).
     """
 
     def __init__(
@@ -81,6 +83,8 @@ class SharedLimits:
         timeout_s: float = 2.0,
         lease_s: float = 30.0,
         holder: str | None = None,
+        *,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._name = actor_name(app_name)
         self._timeout = timeout_s
@@ -92,7 +96,14 @@ class SharedLimits:
         # (admissions on their way included, so a renewal never undercounts them).
         self._actor_held: dict[str, int] = {}
         self._local_held: dict[str, int] = {}  # key id -> requests admitted by the fallback
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._renewal = PeriodicLoop(
+            "renewing the quota lease",
+            self._renew,
+            lease_s / 3,
+            while_=lambda: bool(self._actor_held),
+            sleep=sleep,
+            logger=logger,
+        )
 
     def _get_actor(self) -> Any:
         import ray
@@ -122,8 +133,8 @@ class SharedLimits:
             return admission
         if not admission.ok:
             self._count(self._actor_held, principal.id, -1)
-        elif self._heartbeat is None or self._heartbeat.done():
-            self._heartbeat = asyncio.create_task(self._renew_while_busy())
+        else:
+            self._renewal.start()  # no-op while it runs
         return admission
 
     @staticmethod
@@ -154,20 +165,13 @@ class SharedLimits:
 
     async def stop(self) -> None:
         """Stop renewing the lease (the replica is shutting down)."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
+        await self._renewal.stop()
 
-    async def _renew_while_busy(self) -> None:
-        while self._actor_held:
-            await asyncio.sleep(self._lease_s / 3)
-            if not self._actor_held:
-                return
-            try:
-                await self._call("renew", self._holder, dict(self._actor_held))
-            except (RayError, TimeoutError) as exc:
-                # Keep renewing: the slots are lost only once a whole lease goes by.
-                self._actor = None
-                logger.warning("renewing the quota lease failed (%s); retrying", exc)
+    async def _renew(self) -> None:
+        """One renewal, while this replica has requests counted by the actor."""
+        try:
+            await self._call("renew", self._holder, dict(self._actor_held))
+        except (RayError, TimeoutError) as exc:
+            # Keep renewing: the slots are lost only once a whole lease goes by.
+            self._actor = None
+            logger.warning("renewing the quota lease failed (%s); retrying", exc)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.serve.exceptions import RayServeException
 
+from llm_fleet.deployments.background import PeriodicLoop, Sleep, stop_task
 from llm_fleet.deployments.config import FleetConfig
 from llm_fleet.deployments.replica_status import (
     GCS_ERRORS,
@@ -42,28 +43,33 @@ class ServeStatusBoard:
         config: FleetConfig,
         handles: Mapping[str, DeploymentHandle[Any]],
         on_update: Callable[[dict[str, ModelStatus]], None] | None = None,
+        *,
+        sleep: Sleep = asyncio.sleep,
     ):
         self._apps = dict(apps)  # model id -> the Serve app holding its deployment
         self._models = {m.id: m for m in config.models if m.id in handles}
         self._handles = dict(handles)
-        self._interval = config.router.status_poll_interval_s
         self._on_update = on_update
         self._statuses: dict[str, ModelStatus] = {}
         self._changed = asyncio.Event()
         self._wakes: dict[str, asyncio.Task[None]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._polling = PeriodicLoop(
+            "polling the models' status",
+            self.poll,
+            config.router.status_poll_interval_s,
+            sleep=sleep,
+            logger=logger,
+        )
 
     async def start(self) -> None:
         """Read once (so the first request is gated), then keep polling."""
         await self.poll()
-        self._task = asyncio.create_task(self._poll_forever())
+        self._polling.start()
 
     async def stop(self) -> None:
-        for task in [self._task, *self._wakes.values()]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._polling.stop()
+        for task in self._wakes.values():
+            await stop_task(task)
 
     def status(self, model_id: str) -> ModelStatus | None:
         return self._statuses.get(model_id)
@@ -99,11 +105,6 @@ class ServeStatusBoard:
         self._changed.set()
         if self._on_update is not None:
             self._on_update(statuses)
-
-    async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await self.poll()
 
     async def _wake(self, model_id: str) -> None:
         response = self._handles[model_id].info.remote()

@@ -8,6 +8,7 @@ import pytest
 
 from llm_fleet.deployments.caller_watch import CallerWatch
 from tests.fake_engine import FakeEngine
+from tests.fake_time import FakeTime
 
 # ignore_eos: the fake repeats its words until max_tokens, as a long answer would.
 CHAT = {
@@ -46,48 +47,61 @@ async def _stream(engine: FakeEngine, watch: CallerWatch, caller: str) -> int:
 def test_the_requests_of_a_dead_caller_are_aborted_and_the_others_go_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    callers = Callers("router-a", "router-b")
-    engine = FakeEngine(token_delay_s=0.002)  # a stream lasts about 1 s
+    callers, time = Callers("router-a", "router-b"), FakeTime()
+    engine = FakeEngine(token_delay_s=0.002)  # a stream lasts about 1 s (real time)
 
-    async def scenario() -> tuple[list[object], int, int]:
+    async def scenario() -> tuple[list[object], list[bool], int]:
         await engine.start()
-        watch = CallerWatch(callers.is_alive, period_s=0.05)
+        watch = CallerWatch(callers.is_alive, period_s=5.0, sleep=time.sleep)
         tasks = [
             asyncio.create_task(_stream(engine, watch, caller))
             for caller in ("router-a", "router-a", "router-b")
         ]
-        await asyncio.sleep(0.12)
+        await time.advance(5.0)  # one look: both alive
         callers.alive.discard("router-a")  # killed
+        await time.advance(4.9)  # the next look is a whole period after the last one
+        going = [not task.done() for task in tasks]
+        await time.advance(0.1)
         done = await asyncio.gather(*tasks, return_exceptions=True)
         unfinished = await engine.num_unfinished_requests()
         await watch.stop()
-        return done, unfinished, len(callers.asked)
+        return done, going, unfinished
 
-    done, unfinished, asked = run(scenario())
+    done, going, unfinished = run(scenario())
+    assert going == [True, True, True]
     assert [type(d).__name__ for d in done[:2]] == ["CancelledError", "CancelledError"]
     assert done[2] == 1 + 500 + 1  # router-b's stream ran to the end: role, tokens, [DONE]
     assert unfinished == 0  # the engine counts no request still generating
     assert "caller router-a is gone: aborting its 2 request(s) in flight" in caplog.text
-    # One question per caller and period (0.05 s), not per request or token.
-    assert asked < 60
+    # One question per caller and period, not per request or token.
+    assert callers.asked == ["router-a", "router-b", "router-a", "router-b"]
 
 
 def test_with_nothing_in_flight_nobody_is_asked() -> None:
-    callers = Callers("router-a")
+    callers, time = Callers("router-a", "router-b"), FakeTime()
 
-    async def scenario() -> None:
-        watch = CallerWatch(callers.is_alive, period_s=0.01)
+    async def scenario() -> list[object]:
+        watch = CallerWatch(callers.is_alive, period_s=5.0, sleep=time.sleep)
         untrack = watch.track("router-a")
-        await asyncio.sleep(0.05)
+        await time.advance(5.0)
         untrack()
-        await asyncio.sleep(0.05)
-        asked = len(callers.asked)
-        await asyncio.sleep(0.05)
-        assert len(callers.asked) == asked  # the watch ended with the last request
+        await time.advance(5.0)  # the watch wakes, finds nothing tracked and ends
+        seen: list[object] = [list(callers.asked), time.sleeping]
+        await time.advance(60.0)
+        seen.append(list(callers.asked))
+        untrack = watch.track("router-b")  # the next request starts it again
+        await time.advance(5.0)
+        seen.append(list(callers.asked))
+        untrack()
         await watch.stop()
+        return seen
 
-    run(scenario())
-    assert callers.asked
+    assert run(scenario()) == [
+        ["router-a"],
+        0,
+        ["router-a"],
+        ["router-a", "router-b"],
+    ]
 
 
 def run(coroutine: object) -> object:

@@ -16,6 +16,7 @@ from starlette.types import Message
 from llm_fleet.deployments.keys import create_key
 from llm_fleet.router.auth import KeyLimits, KeyRing, Principal
 from llm_fleet.router.quota import LOCAL_HOLDER, Admission, LocalLimits
+from tests.fake_time import FakeTime
 from tests.fakes import (
     COMPLETIONS_MODEL,
     FakeStatusSource,
@@ -26,14 +27,6 @@ from tests.fakes import (
     post_then_leave,
 )
 from tests.unit.ops_helpers import CHAT_PATH, COMPLETIONS_PATH, chat, openai_error, sse_payloads
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def principal(key_id: str = "0000000a", **limits: int) -> Principal:
@@ -48,7 +41,7 @@ def run(coro: Any) -> Any:
 
 
 def test_rpm_counts_admitted_requests_over_a_sliding_minute() -> None:
-    clock, key = FakeClock(), principal(rpm=2)
+    clock, key = FakeTime(), principal(rpm=2)
     limits = LocalLimits(clock)
 
     async def scenario() -> list[Admission]:
@@ -71,7 +64,7 @@ def test_rpm_counts_admitted_requests_over_a_sliding_minute() -> None:
 
 
 def test_rpm_retry_after_waits_for_enough_requests_to_slide_out() -> None:
-    clock, key = FakeClock(), principal(rpm=2)
+    clock, key = FakeTime(), principal(rpm=2)
     limits = LocalLimits(clock)
 
     async def scenario() -> Admission:
@@ -86,7 +79,7 @@ def test_rpm_retry_after_waits_for_enough_requests_to_slide_out() -> None:
 
 
 def test_tpm_counts_tokens_used_reported_at_release() -> None:
-    clock, key = FakeClock(), principal(tpm=100)
+    clock, key = FakeTime(), principal(tpm=100)
     limits = LocalLimits(clock)
 
     async def scenario() -> list[Admission]:
@@ -108,7 +101,7 @@ def test_tpm_counts_tokens_used_reported_at_release() -> None:
 
 def test_concurrency_counts_requests_in_flight() -> None:
     key = principal(concurrency=2)
-    limits = LocalLimits(FakeClock())
+    limits = LocalLimits(FakeTime())
 
     async def scenario() -> list[bool]:
         seen = [(await limits.admit(key, 1)).ok for _ in range(3)]
@@ -123,7 +116,7 @@ def test_concurrency_counts_requests_in_flight() -> None:
 
 def test_keys_are_counted_apart_and_no_limit_means_none() -> None:
     limited, other, free = principal("0000000a", rpm=1), principal("0000000b", rpm=1), principal()
-    limits = LocalLimits(FakeClock())
+    limits = LocalLimits(FakeTime())
 
     async def scenario() -> list[bool]:
         return [
@@ -137,7 +130,7 @@ def test_keys_are_counted_apart_and_no_limit_means_none() -> None:
 
 
 def test_a_holder_not_seen_for_its_lease_loses_its_slots(caplog: pytest.LogCaptureFixture) -> None:
-    clock, key = FakeClock(), principal(concurrency=2)
+    clock, key = FakeTime(), principal(concurrency=2)
     limits = LocalLimits(clock, lease_s=30)
 
     async def scenario() -> list[bool]:
@@ -171,7 +164,7 @@ def test_a_holder_not_seen_for_its_lease_loses_its_slots(caplog: pytest.LogCaptu
 
 def test_a_release_without_a_slot_frees_nothing() -> None:
     key = principal(concurrency=1)
-    limits = LocalLimits(FakeClock())
+    limits = LocalLimits(FakeTime())
 
     async def scenario() -> list[bool]:
         await limits.release(key, 0)  # a release with no admit (a lost lease, a restart)
@@ -181,7 +174,7 @@ def test_a_release_without_a_slot_frees_nothing() -> None:
 
 
 def test_snapshot_counts_per_key_and_per_holder_over_the_window() -> None:
-    clock = FakeClock()
+    clock = FakeTime()
     limits = LocalLimits(clock, lease_s=30)
     key_a, key_b = principal("0000000a"), principal("0000000b")
 
@@ -281,7 +274,8 @@ def test_a_stream_is_charged_its_usage_even_when_the_client_did_not_ask(tmp_path
     body = {"model": COMPLETIONS_MODEL, "prompt": "one two three", "stream": True}
     with TestClient(fleet.app) as http:
         response = http.post(COMPLETIONS_PATH, json=body, headers=limited)
-    assert all("usage" not in chunk for chunk in sse_payloads(response))
+    chunks = sse_payloads(response)
+    assert chunks and all("usage" not in chunk for chunk in chunks)
     assert [tokens for _, tokens in limits.released] == [6]
 
 
@@ -415,10 +409,15 @@ class FakeActorHandle:
     """A Ray actor handle without Ray: ``handle.method.remote(*args)`` is a coroutine
     of the real ``_LimitsActor``, in this process. ``failing`` methods raise once."""
 
-    def __init__(self, lease_s: float | None = None, failing: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        lease_s: float | None = None,
+        failing: tuple[str, ...] = (),
+        clock: FakeTime | None = None,
+    ) -> None:
         from llm_fleet.router.shared_limits import _LimitsActor
 
-        self.actor = _LimitsActor(lease_s)
+        self.actor = _LimitsActor(lease_s, clock or FakeTime())
         self.calls: list[str] = []
         self._failing = set(failing)
 
@@ -480,33 +479,35 @@ def test_shared_limits_renew_the_lease_while_requests_are_in_flight(
 ) -> None:
     from llm_fleet.router.shared_limits import SharedLimits
 
-    shared = SharedLimits("app", lease_s=0.3)  # renews every 0.1 s
-    handle, key = FakeActorHandle(lease_s=0.3, failing=("renew",)), principal()
+    time = FakeTime()
+    shared = SharedLimits("app", lease_s=30, sleep=time.sleep)  # renews every 10 s
+    handle, key = FakeActorHandle(lease_s=30, failing=("renew",), clock=time), principal()
     shared._get_actor = lambda: handle  # type: ignore[method-assign]
 
     async def scenario() -> tuple[int, int, int, int]:
         await shared.admit(key, 1)
-        await asyncio.sleep(0.7)  # more than two leases: only the renewals keep the slot
+        await time.advance(70)  # more than two leases: only the renewals keep the slot
         held_after_leases = handle.in_flight()
         await shared.release(key, 3)
         renewals = handle.calls.count("renew")
-        await asyncio.sleep(0.3)
+        await time.advance(30)
         idle_renewals = handle.calls.count("renew") - renewals
         await shared.admit(key, 1)
         await shared.stop()  # the replica shuts down: no more renewals
         stopped = handle.calls.count("renew")
-        await asyncio.sleep(0.3)
+        await time.advance(30)
         return held_after_leases, renewals, idle_renewals, handle.calls.count("renew") - stopped
 
     held, renewals, idle_renewals, after_stop = run(scenario())
     assert held == 1
-    assert 4 <= renewals <= 8  # one per 0.1 s, the first of them failed and was retried
+    assert renewals == 7  # one per 10 s; the first of them failed and the next one renewed
     assert "renewing the quota lease failed" in caplog.text
     assert idle_renewals == 0 and after_stop == 0
+    assert time.sleeping == 0
 
 
 def test_a_renewal_sets_the_holders_slots_to_what_it_really_holds() -> None:
-    clock, key, other = FakeClock(), principal(concurrency=2), principal("0000000b", concurrency=1)
+    clock, key, other = FakeTime(), principal(concurrency=2), principal("0000000b", concurrency=1)
     limits = LocalLimits(clock, lease_s=30)
 
     async def scenario() -> list[Any]:
@@ -530,8 +531,10 @@ def test_a_renewal_sets_the_holders_slots_to_what_it_really_holds() -> None:
 def test_shared_limits_a_lost_release_is_corrected_by_the_next_renewal() -> None:
     from llm_fleet.router.shared_limits import SharedLimits
 
-    shared = SharedLimits("app", lease_s=0.3)  # renews every 0.1 s
-    handle, key = FakeActorHandle(lease_s=60, failing=("release",)), principal(concurrency=2)
+    time = FakeTime()
+    shared = SharedLimits("app", lease_s=30, sleep=time.sleep)  # renews every 10 s
+    handle = FakeActorHandle(lease_s=60, failing=("release",), clock=time)
+    key = principal(concurrency=2)
     shared._get_actor = lambda: handle  # type: ignore[method-assign]
 
     async def scenario() -> list[int]:
@@ -539,11 +542,13 @@ def test_shared_limits_a_lost_release_is_corrected_by_the_next_renewal() -> None
         await shared.admit(key, 1)
         await shared.release(key, 3)  # lost on the way: the actor still counts 2
         seen = [handle.in_flight()]
-        await asyncio.sleep(0.25)  # a renewal says 1
+        await time.advance(9)
+        seen.append(handle.in_flight())  # no renewal yet
+        await time.advance(1)  # a renewal says 1
         seen.append(handle.in_flight())
         await shared.release(key, 3)
         await shared.stop()
         seen.append(handle.in_flight())
         return seen
 
-    assert run(scenario()) == [2, 1, 0]
+    assert run(scenario()) == [2, 2, 1, 0]

@@ -96,7 +96,7 @@ def test_a_stream_without_usage_asked_has_no_usage_chunk_but_is_counted(
     with TestClient(make_fleet(metrics=metrics).app) as http:
         response = http.post(path, json=body)
     chunks = sse_payloads(response)
-    assert all(chunk["choices"] for chunk in chunks)
+    assert chunks and all(chunk["choices"] for chunk in chunks)
     assert not [chunk for chunk in chunks if "usage" in chunk]
     [record] = metrics.finished
     assert (record.prompt_tokens, record.completion_tokens) == (3, 3)
@@ -235,9 +235,11 @@ def assert_paired(metrics: RecordingMetrics, *, dispatched: int) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_served_request_is_dispatched_and_finished_once(stream: bool) -> None:
-    metrics = RecordingMetrics()
-    with TestClient(make_fleet(token_delay_s=0.01, metrics=metrics).app) as http:
+    metrics, delay_s = RecordingMetrics(), 0.01
+    with TestClient(make_fleet(token_delay_s=delay_s, metrics=metrics).app) as http:
+        sent = time.perf_counter()
         response = http.post(CHAT_PATH, json=chat("a b c d", stream=stream))
+        answered = time.perf_counter()
     assert response.status_code == 200
     assert_paired(metrics, dispatched=1)
     [record] = metrics.finished
@@ -249,10 +251,12 @@ def test_a_served_request_is_dispatched_and_finished_once(stream: bool) -> None:
     )
     assert (record.prompt_tokens, record.completion_tokens) == (4, 4)
     assert record.rejection is None and not record.disconnected
-    assert record.latency_s > 0
+    # Four tokens, one per delay, inside what the client waited.
+    assert 4 * delay_s * 0.9 <= record.latency_s <= answered - sent
     if stream:
-        assert record.ttft_s is not None and 0 < record.ttft_s <= record.latency_s
-        assert record.itl_s is not None
+        # The first frame (the role) comes before any token; the tokens take their time.
+        assert record.ttft_s is not None and 0 < record.ttft_s < record.latency_s - 3 * delay_s
+        assert record.itl_s is not None and record.itl_s >= delay_s * 0.9  # per gap
     else:
         assert record.ttft_s is None
 
@@ -339,7 +343,8 @@ def test_one_access_line_per_request_without_prompt_or_answer(
     marker = "zebra-7f3c-secret-marker"
     caplog.set_level(logging.INFO, logger="llm_fleet.access")
     headers = {"X-Request-Id": "access-1"}
-    with TestClient(make_fleet().app) as http:
+    metrics = RecordingMetrics()
+    with TestClient(make_fleet(metrics=metrics, token_delay_s=0.01).app) as http:
         response = http.post(
             CHAT_PATH, json=chat(f"tell {marker} back", stream=stream), headers=headers
         )
@@ -349,7 +354,9 @@ def test_one_access_line_per_request_without_prompt_or_answer(
     assert fields["request_id"] == "access-1"
     assert (fields["model"], fields["endpoint"], fields["status"]) == (CHAT_MODEL, "chat", 200)
     assert (fields["prompt_tokens"], fields["completion_tokens"]) == (3, 3)
-    assert isinstance(fields["latency_ms"], float) and fields["latency_ms"] >= 0
+    [finished] = metrics.finished  # the line is the finished record's, not a second clock
+    assert fields["latency_ms"] == round(finished.latency_s * 1000, 1)
+    assert fields["latency_ms"] >= 3 * 10 * 0.9  # three tokens, 10 ms each
     assert vars(record)["stream"] is stream
 
     line = JSONFormatter().format(record)

@@ -4,10 +4,12 @@ and key material kept out of every log."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -17,6 +19,7 @@ from fastapi.testclient import TestClient
 from llm_fleet.deployments.errors import ConfigError
 from llm_fleet.deployments.keys import create_key, load_keys, new_key, revoke_key, write_keys
 from llm_fleet.router.auth import KeyRing, bearer_token, load_keyring
+from tests.fake_time import FakeTime
 from tests.fakes import (
     CHAT_MODEL,
     COMPLETIONS_MODEL,
@@ -192,6 +195,33 @@ def test_bearer_token_parsing() -> None:
         assert bearer_token(value) is None
 
 
+def test_authenticate_compares_every_key_whichever_matches(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No early exit: how long a check takes says nothing about which key matched."""
+    from llm_fleet.router import auth
+
+    ring, compared = keys.ring(), []
+
+    def compare_digest(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return hmac.compare_digest(a, b)
+
+    monkeypatch.setattr(auth, "hmac", SimpleNamespace(compare_digest=compare_digest))
+    seen = {}
+    for case in ("all", "elsewhere", "unknown key"):
+        header = keys.header(case) if case in keys.plain else auth_headers(keys, case)
+        compared.clear()
+        principal = ring.authenticate(header["Authorization"])
+        seen[case] = (principal and principal.name, len(compared), len(set(compared)))
+    every = (len(ring), len(ring))
+    assert seen == {
+        "all": ("all", *every),
+        "elsewhere": ("elsewhere", *every),
+        "unknown key": (None, *every),
+    }
+
+
 def test_401_comes_before_reading_the_body(http: TestClient) -> None:
     assert_401(http.post(CHAT_PATH, content=b"{not json"))
     assert_401(http.post(CHAT_PATH, content=b"x" * (5 * 1024 * 1024)))
@@ -359,35 +389,84 @@ def test_keys_added_changed_and_revoked_while_serving(
         assert http.post(CHAT_PATH, json=chat(), headers=keys.header("chat-only")).is_success
 
 
-def test_the_file_is_read_again_only_after_poll_s(keys: Keys) -> None:
-    ring = KeyRing.from_file(keys.path, poll_s=3600)
+def test_the_file_is_read_again_on_access_only_after_poll_s(keys: Keys) -> None:
+    time = FakeTime()
+    ring = KeyRing.from_file(keys.path, poll_s=2.0, clock=time)
     added = create_key(keys.path, "later")
+    time.now += 1.5
     assert ring.authenticate(f"Bearer {added}") is None  # not checked again yet
-    assert ring.refresh() is True
-    principal = ring.authenticate(f"Bearer {added}")
+    time.now += 1.0
+    principal = ring.authenticate(f"Bearer {added}")  # checked again on this access
     assert principal is not None and principal.name == "later" and principal.models is None
+    revoke_key(keys.path, "later")
+    time.now += 1.5
+    assert ring.authenticate(f"Bearer {added}") is not None  # checked 1.5 s ago: not yet
+    assert ring.refresh() is True  # an explicit refresh does not wait
+    assert ring.authenticate(f"Bearer {added}") is None
     assert ring.refresh() is False  # unchanged since
 
 
-def test_the_background_watch_reloads_without_any_request(
+def test_the_background_watch_reloads_every_poll_s_without_any_request(
     keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="llm_fleet.router.auth")
+    time = FakeTime()
 
-    async def scenario() -> int:
-        ring = KeyRing.from_file(keys.path, poll_s=0.05)
+    async def scenario() -> list[int]:
+        # A poll_s no request would ever reach: only the watch can reload.
+        ring = KeyRing.from_file(keys.path, poll_s=2.0, clock=time, sleep=time.sleep)
         await ring.start()
+        seen = []
         try:
             create_key(keys.path, "watched")
-            for _ in range(100):
-                if any("reloaded" in r.getMessage() for r in caplog.records):
-                    break
-                await asyncio.sleep(0.02)
-            return len(ring)
+            await time.advance(1.5)
+            seen.append(len(ring))  # the watch has not looked yet
+            await time.advance(0.5)
+            seen.append(len(ring))
+            create_key(keys.path, "watched-too")
+            await time.advance(2.0)
+            seen.append(len(ring))
         finally:
             await ring.stop()
+        create_key(keys.path, "after-stop")
+        await time.advance(10.0)
+        seen.append(len(ring))
+        return seen
+
+    assert asyncio.run(scenario()) == [3, 4, 5, 5]
+    assert [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()] == [
+        f"keys file {keys.path} reloaded: 4 active keys, 1 revoked",
+        f"keys file {keys.path} reloaded: 5 active keys, 1 revoked",
+    ]
+
+
+def test_a_failing_watch_tick_is_logged_and_the_watch_goes_on(
+    keys: Keys, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    time = FakeTime()
+    ring = KeyRing.from_file(keys.path, poll_s=2.0, clock=time, sleep=time.sleep)
+    real_refresh, calls = ring.refresh, []
+
+    def refresh_failing_once() -> bool:
+        calls.append(time.now)
+        if len(calls) == 1:
+            raise OSError("stat failed")
+        return real_refresh()
+
+    monkeypatch.setattr(ring, "refresh", refresh_failing_once)
+
+    async def scenario() -> int:
+        await ring.start()
+        create_key(keys.path, "watched")
+        await time.advance(4.0)
+        await ring.stop()
+        return len(ring)
 
     assert asyncio.run(scenario()) == 4
+    assert calls == [1002.0, 1004.0]
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.name == "llm_fleet.router.auth"
+    assert error.getMessage() == "keys file watch failed; retrying"
 
 
 # --- no key material in any log -----------------------------------------------------
