@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.serve_bench import RESULTS, apply_variant, free_port, parse_variant  # noqa: E402
 from bench.stack_sampling import find, sampled, summarize  # noqa: E402
-from llm_fleet.deployments import launcher  # noqa: E402
+from llm_fleet.cli import launcher  # noqa: E402
 
 MODEL = "fake"
 PROMPT = "the quick brown fox jumps over the lazy dog"

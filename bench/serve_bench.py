@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cpu_account import cpu_span  # noqa: E402
-from llm_fleet.deployments import launcher  # noqa: E402
+from llm_fleet.cli import launcher  # noqa: E402
 from llm_fleet.deployments.config import ModelConfig  # noqa: E402
 from llm_fleet.deployments.vllm_engine import engine_kwargs  # noqa: E402
 from llm_fleet.deployments.weights import embedded  # noqa: E402

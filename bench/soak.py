@@ -48,7 +48,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llm_fleet.deployments import launcher  # noqa: E402
+from llm_fleet.cli import launcher  # noqa: E402
 
 RESULTS = REPO / ".bench-results"
 CHAT_MODEL = "smollm2-135m-instruct"

@@ -141,7 +141,7 @@ class RouterConfig(StrictModel):
     )
     keys_file: str | None = Field(
         None,
-        description="Absolute path of the API keys file (see deployments/keys.py), readable "
+        description="Absolute path of the API keys file (see router/keys_file.py), readable "
         "on every node that runs a router replica; re-read when it changes. With a file, "
         "every route but /health/* needs a valid key. With none, auth is off and the router "
         "logs a loud warning at startup. LLM_FLEET_KEYS_FILE overrides it.",

@@ -23,8 +23,8 @@ from pathlib import Path
 from llm_fleet.deployments.background import Clock, PeriodicLoop, Sleep
 from llm_fleet.deployments.config import FleetConfig
 from llm_fleet.deployments.errors import ConfigError
-from llm_fleet.deployments.keys import ALL_MODELS, KEY_PREFIX, KeyEntry, hash_key, load_keys
 from llm_fleet.router.api_errors import AuthenticationError
+from llm_fleet.router.keys_file import ALL_MODELS, KEY_PREFIX, KeyEntry, hash_key, load_keys
 
 logger = logging.getLogger(__name__)
 # Longer than any key we issue, short enough that hashing it costs nothing.

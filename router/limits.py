@@ -14,7 +14,7 @@ The output token policy (``apply_token_limits``):
   ``max_completion_tokens`` is a chat field; vLLM's completions ignore it, so there it
   neither counts as a choice nor is checked.
 - One above ``max_tokens_limit``: 400 ``max_tokens_exceeded`` naming the limit.
-- An API key's own ``max_tokens`` cap (``deployments/keys.py``) lowers both: the lower of
+- An API key's own ``max_tokens`` cap (``router/keys_file.py``) lowers both: the lower of
   the model's limit and the key's cap is the limit, and the default is at most the cap.
 - Prompt plus ``max_tokens`` over the context: checked in the replica, where the real
   tokenizer and chat template count the prompt (``deployments/vllm_engine.py``; vLLM

@@ -8,7 +8,7 @@ import os
 # gone, starting a stray local cluster after teardown; tests connect explicitly only.
 # Read by Ray at import, so it must be set before anything imports ray.
 os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-# The launcher keeps the test cluster on loopback (deployments/launcher.py); a driver
+# The launcher keeps the test cluster on loopback (llm_fleet/cli/launcher.py); a driver
 # in this process finds it there only with the same setting, also read at import.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 

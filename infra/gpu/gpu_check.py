@@ -55,7 +55,7 @@ sys.path.insert(0, str(HERE))
 from build_kit import DUMMY_MODEL_CONFIG, DUMMY_MODEL_ID, TOKENIZER_FILES  # noqa: E402
 
 from bench import serve_bench  # noqa: E402
-from llm_fleet.deployments import launcher  # noqa: E402
+from llm_fleet.cli import launcher  # noqa: E402
 from llm_fleet.deployments.weights import embedded  # noqa: E402
 
 EMBEDDED = "smollm2-135m-instruct"

@@ -1,6 +1,6 @@
 """One running fleet for every serve test: real Ray Serve, real vLLM on CPU.
 
-The app is started the way ``make serve`` starts it (``llm_fleet.deployments.launcher`` →
+The app is started the way ``make serve`` starts it (``llm_fleet.cli.launcher`` →
 ``serve run``), from ``serve_config.local.yaml`` with test edits: a free HTTP port; a
 Ray Serve ``deployments:`` override of SmolLM2's autoscaling, written the way an
 operator would (the scaling test relies on it); and three more models whose weights
@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from llm_fleet.deployments import launcher
+from llm_fleet.cli import launcher
 from llm_fleet.deployments.weights import embedded
 from llm_fleet.deployments.weights.s3_store import S3Store
 from llm_fleet.deployments.weights.sources import parse_source

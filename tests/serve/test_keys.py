@@ -30,7 +30,7 @@ import openai
 import pytest
 
 from llm_fleet.deployments.caller_watch import PERIOD_S as CALLER_CHECK_S
-from llm_fleet.deployments.keys import KeysFile, create_key, load_keys, revoke_key, write_keys
+from llm_fleet.router.keys_file import KeysFile, create_key, load_keys, revoke_key, write_keys
 from tests.serve.conftest import CHAT_MODEL, Fleet
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -408,7 +408,7 @@ def test_a_dead_router_replicas_slot_and_generation_end(limits_app: LimitsApp) -
 
 
 def _key_id(keys_file: Path, name: str) -> str:
-    from llm_fleet.deployments.keys import list_keys
+    from llm_fleet.router.keys_file import list_keys
 
     return next(key.id for key in list_keys(keys_file) if key.name == name)
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llm_fleet.deployments.cli import main
+from llm_fleet.cli.main import main
 from llm_fleet.deployments.weights import embedded
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm_fleet.deployments import cli
+from llm_fleet.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,10 +29,18 @@ def test_the_wheel_installs_llm_fleet_alone(tmp_path: Path) -> None:
         entry_points = whl.read(top_level.replace("top_level.txt", "entry_points.txt")).decode()
     dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
     assert {n.split("/", 1)[0] for n in names} == {"llm_fleet", dist_info}
-    for module in ("router/app.py", "router/pipeline.py", "deployments/weights/embedded.py"):
+    modules = (
+        "router/app.py",
+        "router/pipeline.py",
+        "router/keys_file.py",
+        "deployments/weights/embedded.py",
+        "cli/main.py",
+        "cli/launcher.py",
+    )
+    for module in modules:
         assert f"llm_fleet/{module}" in names
     assert not any("fake_engine" in n or n.startswith("tests/") for n in names)
-    assert "llm-fleet = llm_fleet.deployments.cli:main" in entry_points
+    assert "llm-fleet = llm_fleet.cli.main:main" in entry_points
 
 
 @pytest.mark.parametrize("old", ["router", "deployments.builder"])

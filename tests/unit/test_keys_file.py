@@ -1,4 +1,4 @@
-"""The API keys file (deployments/keys.py) and ``llm-fleet keys create|list|revoke``."""
+"""The API keys file (router/keys_file.py) and ``llm-fleet keys create|list|revoke``."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm_fleet.deployments import keys
-from llm_fleet.deployments.cli import main
+from llm_fleet.cli.main import main
 from llm_fleet.deployments.errors import ConfigError
-from llm_fleet.deployments.keys import (
+from llm_fleet.router import keys_file as keys
+from llm_fleet.router.keys_file import (
     create_key,
     hash_key,
     key_matches,

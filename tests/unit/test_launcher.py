@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from llm_fleet.deployments import launcher
+from llm_fleet.cli import launcher
 
 SLEEPER = [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"]
 

@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.types import Message
 
-from llm_fleet.deployments.keys import create_key
 from llm_fleet.router.auth import KeyLimits, KeyRing, Principal
+from llm_fleet.router.keys_file import create_key
 from llm_fleet.router.quota import LOCAL_HOLDER, Admission, LocalLimits
 from tests.fake_time import FakeTime
 from tests.fakes import (

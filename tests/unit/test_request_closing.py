@@ -19,9 +19,9 @@ import httpx
 import pytest
 from starlette.types import Message
 
-from llm_fleet.deployments.keys import create_key
 from llm_fleet.router.accounting import RequestRecord
 from llm_fleet.router.auth import KeyRing, Principal
+from llm_fleet.router.keys_file import create_key
 from llm_fleet.router.quota import LOCAL_HOLDER, Admission, LocalLimits
 from tests.fakes import (
     AsgiChannel,

@@ -17,8 +17,8 @@ import yaml
 from fastapi.testclient import TestClient
 
 from llm_fleet.deployments.errors import ConfigError
-from llm_fleet.deployments.keys import create_key, load_keys, new_key, revoke_key, write_keys
 from llm_fleet.router.auth import KeyRing, bearer_token, load_keyring
+from llm_fleet.router.keys_file import create_key, load_keys, new_key, revoke_key, write_keys
 from tests.fake_time import FakeTime
 from tests.fakes import (
     CHAT_MODEL,
@@ -475,7 +475,7 @@ def test_a_failing_watch_tick_is_logged_and_the_watch_goes_on(
 def test_no_key_material_reaches_any_log(
     keys: Keys, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from llm_fleet.deployments.cli import main
+    from llm_fleet.cli.main import main
 
     caplog.set_level(logging.DEBUG)
     assert main(["keys", "create", "--file", str(keys.path), "--name", "cli"]) == 0

@@ -31,7 +31,6 @@ from typing import Any
 
 import yaml
 
-from llm_fleet.deployments import keys
 from llm_fleet.deployments.builder import (
     ENV_KEYS_FILE,
     direct_app_name,
@@ -41,6 +40,7 @@ from llm_fleet.deployments.builder import (
 from llm_fleet.deployments.errors import ConfigError, ModelPreparationError
 from llm_fleet.deployments.weights import embedded
 from llm_fleet.deployments.weights.commands import add_parser as add_weights_commands
+from llm_fleet.router import keys_file as keys
 
 APP_IMPORT_PATH = "llm_fleet.router.builder:build_app"
 DIRECT_IMPORT_PATH = "llm_fleet.router.builder:build_direct_app"
@@ -157,7 +157,7 @@ def _validate(options: argparse.Namespace) -> int:
 
 
 def _serve(options: argparse.Namespace) -> int:
-    from llm_fleet.deployments.launcher import serve_foreground
+    from llm_fleet.cli.launcher import serve_foreground
 
     code = _validate_file(options.file)
     return code if code != EXIT_OK else serve_foreground(options.file)
