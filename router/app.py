@@ -31,7 +31,7 @@ from llm_fleet.router.middleware import HeaderLimit
 from llm_fleet.router.model_client import ModelClient
 from llm_fleet.router.model_status import AlwaysReady, ModelStatusSource
 from llm_fleet.router.pipeline import Pipeline
-from llm_fleet.router.quota import LimitBackend, LocalLimits
+from llm_fleet.router.quota import LocalQuota, QuotaBackend
 from llm_fleet.router.request_id import RequestIdMiddleware, request_id_of
 from llm_fleet.router.routes import MetricsText, inference_routes, metrics_routes, model_routes
 
@@ -49,7 +49,7 @@ def create_app(
     metrics_text: MetricsText | None = None,
     echo_request_id: bool = True,
     keys: KeyRing | None = None,
-    limits: LimitBackend | None = None,
+    quota: QuotaBackend | None = None,
 ) -> FastAPI:
     """The gateway for ``config``'s models; ``clients`` has one entry per allowed model.
 
@@ -60,15 +60,15 @@ def create_app(
 
     ``keys``: every route but /health/* needs one of these API keys (401 otherwise),
     and a key sees only its models (any other is the 404 of an unknown model). None:
-    no auth at all. ``limits`` counts each key's requests, tokens and concurrency
-    (default with keys: in this process, ``LocalLimits``).
+    no auth at all. ``quota`` counts each key's requests, tokens and concurrency
+    (default with keys: in this process, ``LocalQuota``).
     """
     pipeline = Pipeline(
         config,
         clients,
         source=status or AlwaysReady(),
         recorder=metrics or NoMetrics(),
-        quota=limits or LocalLimits(),
+        quota=quota or LocalQuota(),
         keys=keys,
     )
     app = FastAPI(title="llm-fleet", docs_url=None, redoc_url=None)

@@ -11,8 +11,8 @@ these same replicas; there is one engine, reached through two doors.
 What differs from the router's door, by design:
 
 - one model: ``/v1/models`` lists only it, any other ``model`` is a 404;
-- a key's limits are the fleet's: the replica counts them in the fleet app's limits
-  actor (``router/shared_limits.py``), so both doors draw on one budget;
+- a key's quota is the fleet's: the replica counts it in the fleet app's quota
+  actor (``router/shared_quota.py``), so both doors draw on one budget;
 - no readiness gate: a replica that answers has a running engine, and while the model
   has no replica Serve's proxy holds the request (scale from zero) or rejects it;
   ``/health/*`` describe the replica that answers; the fleet's view is the router's;
@@ -41,7 +41,7 @@ from llm_fleet.router.auth import load_keyring
 from llm_fleet.router.ingress import stop_services
 from llm_fleet.router.metrics import RayRouterMetrics
 from llm_fleet.router.model_status import ModelStatus
-from llm_fleet.router.shared_limits import SharedLimits
+from llm_fleet.router.shared_quota import SharedQuota
 
 
 class InProcessClient:
@@ -120,8 +120,8 @@ class DirectModelIngress(ModelDeployment):
         if self._keys is not None:
             await self._keys.start()
         me = serve.get_replica_context().replica_id.to_full_id_str()
-        self._limits = (
-            SharedLimits(fleet_app, lease_s=config.router.quota_lease_s, holder=me)
+        self._quota = (
+            SharedQuota(fleet_app, lease_s=config.router.quota_lease_s, holder=me)
             if self._keys is not None
             else None
         )
@@ -142,14 +142,14 @@ class DirectModelIngress(ModelDeployment):
             metrics=RayRouterMetrics(),
             echo_request_id=False,  # Serve's proxy echoes X-Request-Id itself
             keys=self._keys,
-            limits=self._limits,
+            quota=self._quota,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
 
     async def __del__(self) -> None:
-        await stop_services(self, "_keys", "_limits")
+        await stop_services(self, "_keys", "_quota")
         await super().__del__()
 
 

@@ -15,7 +15,7 @@ from llm_fleet.router.auth import load_keyring
 from llm_fleet.router.metrics import RayRouterMetrics
 from llm_fleet.router.model_client import HandleModelClient
 from llm_fleet.router.node_metrics import NodeMetrics
-from llm_fleet.router.shared_limits import SharedLimits
+from llm_fleet.router.shared_quota import SharedQuota
 from llm_fleet.router.status_board import ServeStatusBoard
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ class RouterIngress:
     already gated on it; then a status board polls Ray Serve in the background. With
     ``router.keys_file`` it loads the API keys (a missing or invalid file fails the
     replica) and follows the file; each key's limits are counted once for all router
-    replicas, by the app's limits actor (``router/shared_limits.py``).
+    replicas, by the app's quota actor (``router/shared_quota.py``).
     """
 
     async def __init__(  # type: ignore[misc]
@@ -63,8 +63,8 @@ class RouterIngress:
         await self._board.start()
         if self._keys is not None:
             await self._keys.start()
-        self._limits = (
-            SharedLimits(
+        self._quota = (
+            SharedQuota(
                 app_name,
                 lease_s=config.router.quota_lease_s,
                 holder=me,
@@ -81,14 +81,14 @@ class RouterIngress:
             metrics_text=NodeMetrics(),
             echo_request_id=False,
             keys=self._keys,
-            limits=self._limits,
+            quota=self._quota,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
 
     async def __del__(self) -> None:
-        await stop_services(self, "_board", "_keys", "_limits")
+        await stop_services(self, "_board", "_keys", "_quota")
 
 
 async def stop_services(replica: object, *names: str) -> None:

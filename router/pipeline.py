@@ -7,7 +7,7 @@ engine's answer, as named steps in the order they run (:meth:`Pipeline.run`):
 3. ``resolve_model``: the model, if the fleet serves it and the key may use it
    (the allowlist), or 404;
 4. ``apply_request_limits``: the caps on fields that multiply work and the output
-   token budget (``router/limits.py``), or 400;
+   token budget (``router/request_limits.py``), or 400;
 5. ``hold.take``: the key's quota, rpm, tpm and concurrency (``router/quota.py``), or 429;
 6. ``await_readiness``: the model can take a request (``router/readiness.py``), or 503;
 7. ``forward``: the model deployment's stream (``router/model_client.py``) and its first
@@ -41,15 +41,15 @@ from llm_fleet.router.api_errors import (
 from llm_fleet.router.auth import KeyRing, Principal
 from llm_fleet.router.errors import error_response
 from llm_fleet.router.guards import ClientDisconnected, Deadline, unless_disconnected
-from llm_fleet.router.limits import apply_token_limits, check_request_limits, output_budget
 from llm_fleet.router.metrics import RouterMetrics
 from llm_fleet.router.model_client import ModelClient
 from llm_fleet.router.model_status import ModelStatusSource
 from llm_fleet.router.protocol import parse_request, read_json
-from llm_fleet.router.quota import LimitBackend, QuotaHold
+from llm_fleet.router.quota import QuotaBackend, QuotaHold
 from llm_fleet.router.readiness import await_readiness, watch_readiness
 from llm_fleet.router.relay import Finish, stream_response
 from llm_fleet.router.request_id import request_id_of
+from llm_fleet.router.request_limits import apply_token_limits, check_request_limits, output_budget
 from llm_fleet.router.sse import UsageTap, ask_for_usage
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Pipeline:
         *,
         source: ModelStatusSource,
         recorder: RouterMetrics,
-        quota: LimitBackend,
+        quota: QuotaBackend,
         keys: KeyRing | None,
     ) -> None:
         self.config, self.clients = config, clients

@@ -1,11 +1,11 @@
-"""Per-key limits: requests per minute, tokens per minute, concurrent requests.
+"""Per-key quotas: requests per minute, tokens per minute, concurrent requests.
 
-The app talks to a :class:`LimitBackend` only: ``admit`` before a request is sent to
-its model, ``release`` exactly once when it ends, however it ends. :class:`LocalLimits`
-counts in this process; in Ray Serve, ``router/shared_limits.py`` runs it inside one
+The app talks to a :class:`QuotaBackend` only: ``admit`` before a request is sent to
+its model, ``release`` exactly once when it ends, however it ends. :class:`LocalQuota`
+counts in this process; in Ray Serve, ``router/shared_quota.py`` runs it inside one
 actor the router replicas share, so a key's limits hold for the whole app.
 
-Semantics of :class:`LocalLimits`, per key id, over a sliding window of the last 60 s:
+Semantics of :class:`LocalQuota`, per key id, over a sliding window of the last 60 s:
 
 - ``rpm``: requests admitted in the window. Refused requests do not count; an admitted
   one counts even if it then fails (a 503 from a loading model, a 400 from the engine).
@@ -69,7 +69,7 @@ class Admission:
 ADMITTED = Admission(ok=True)
 
 
-class LimitBackend(Protocol):
+class QuotaBackend(Protocol):
     async def admit(self, principal: Principal, est_tokens: int) -> Admission:
         """Admit one request of ``principal`` (expected to use about ``est_tokens``)."""
         ...
@@ -107,8 +107,8 @@ class _KeyWindow:
         return 0.0
 
 
-class LocalLimits:
-    """A :class:`LimitBackend` counting in this process (see the module docstring).
+class LocalQuota:
+    """A :class:`QuotaBackend` counting in this process (see the module docstring).
 
     ``lease_s`` is how long a holder keeps its concurrency slots without being seen;
     ``None`` (in-process use: the only holder is this process) keeps them for ever.
@@ -242,7 +242,7 @@ class QuotaHold:
     With no principal (auth off) both are no-ops.
     """
 
-    def __init__(self, backend: LimitBackend, principal: Principal | None) -> None:
+    def __init__(self, backend: QuotaBackend, principal: Principal | None) -> None:
         self.backend = backend
         self.principal = principal
         self._held = False

@@ -27,7 +27,7 @@ from llm_fleet.router.app import MetricsText, create_app
 from llm_fleet.router.auth import KeyRing
 from llm_fleet.router.model_client import HandleModelClient, ModelClient
 from llm_fleet.router.model_status import ModelStatus, State
-from llm_fleet.router.quota import LimitBackend
+from llm_fleet.router.quota import QuotaBackend
 from tests.fake_engine import FakeEngine
 from tests.fake_handle import ReplicaHandle, start_replica
 
@@ -187,7 +187,7 @@ def make_fleet(
     metrics: RecordingMetrics | None = None,
     metrics_text: MetricsText | None = None,
     keys: KeyRing | None = None,
-    limits: LimitBackend | None = None,
+    quota: QuotaBackend | None = None,
     **router: Any,
 ) -> Fleet:
     """The router app over fake engines for the allowed models.
@@ -195,7 +195,7 @@ def make_fleet(
     ``handle_options`` go to every ``ReplicaHandle`` (e.g. a refusal to raise);
     ``extra_clients`` add or replace model clients;
     ``model_fields`` add per-model config fields (see ``fleet_config``); ``status``,
-    ``metrics``, ``metrics_text``, ``keys`` and ``limits`` go to ``create_app``;
+    ``metrics``, ``metrics_text``, ``keys`` and ``quota`` go to ``create_app``;
     ``router`` overrides ``RouterConfig`` fields.
     """
     engines = {
@@ -218,7 +218,7 @@ def make_fleet(
         metrics=metrics,
         metrics_text=metrics_text,
         keys=keys,
-        limits=limits,
+        quota=quota,
     )
     return Fleet(app=app, engines=engines, handles=handles)
 

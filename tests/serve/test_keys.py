@@ -71,7 +71,7 @@ def limits_app(
     from ray import serve
 
     from llm_fleet.router.builder import build_app, build_direct_app
-    from llm_fleet.router.shared_limits import NAMESPACE, actor_name
+    from llm_fleet.router.shared_quota import NAMESPACE, actor_name
 
     keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
     key_a = create_key(keys_file, "team-a", models=[MODEL], rpm=RPM)
@@ -356,7 +356,7 @@ def test_keys_added_changed_and_revoked_while_serving(limits_app: LimitsApp) -> 
 def _limits_snapshot() -> dict[str, Any]:
     import ray
 
-    from llm_fleet.router.shared_limits import NAMESPACE, actor_name
+    from llm_fleet.router.shared_quota import NAMESPACE, actor_name
 
     actor = ray.get_actor(actor_name(APP), namespace=NAMESPACE)
     snapshot: dict[str, Any] = ray.get(actor.snapshot.remote(), timeout=10)

@@ -1,4 +1,4 @@
-"""Per-key limits: LocalLimits' sliding windows, and the 429s the router answers."""
+"""Per-key limits: LocalQuota' sliding windows, and the 429s the router answers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from starlette.types import Message
 
 from llm_fleet.router.auth import KeyLimits, KeyRing, Principal
 from llm_fleet.router.keys_file import create_key
-from llm_fleet.router.quota import LOCAL_HOLDER, Admission, LocalLimits
+from llm_fleet.router.quota import LOCAL_HOLDER, Admission, LocalQuota
 from tests.fake_time import FakeTime
 from tests.fakes import (
     COMPLETIONS_MODEL,
@@ -37,12 +37,12 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-# --- LocalLimits --------------------------------------------------------------------
+# --- LocalQuota --------------------------------------------------------------------
 
 
 def test_rpm_counts_admitted_requests_over_a_sliding_minute() -> None:
     clock, key = FakeTime(), principal(rpm=2)
-    limits = LocalLimits(clock)
+    limits = LocalQuota(clock)
 
     async def scenario() -> list[Admission]:
         seen = [await limits.admit(key, 10)]
@@ -65,7 +65,7 @@ def test_rpm_counts_admitted_requests_over_a_sliding_minute() -> None:
 
 def test_rpm_retry_after_waits_for_enough_requests_to_slide_out() -> None:
     clock, key = FakeTime(), principal(rpm=2)
-    limits = LocalLimits(clock)
+    limits = LocalQuota(clock)
 
     async def scenario() -> Admission:
         for step in range(2):
@@ -80,7 +80,7 @@ def test_rpm_retry_after_waits_for_enough_requests_to_slide_out() -> None:
 
 def test_tpm_counts_tokens_used_reported_at_release() -> None:
     clock, key = FakeTime(), principal(tpm=100)
-    limits = LocalLimits(clock)
+    limits = LocalQuota(clock)
 
     async def scenario() -> list[Admission]:
         seen = [await limits.admit(key, 500)]  # an estimate above tpm is no refusal
@@ -101,7 +101,7 @@ def test_tpm_counts_tokens_used_reported_at_release() -> None:
 
 def test_concurrency_counts_requests_in_flight() -> None:
     key = principal(concurrency=2)
-    limits = LocalLimits(FakeTime())
+    limits = LocalQuota(FakeTime())
 
     async def scenario() -> list[bool]:
         seen = [(await limits.admit(key, 1)).ok for _ in range(3)]
@@ -111,12 +111,12 @@ def test_concurrency_counts_requests_in_flight() -> None:
         return seen
 
     assert run(scenario()) == [True, True, False, True, False]
-    assert run(LocalLimits().admit(principal(concurrency=1), 1)).ok  # a fresh backend
+    assert run(LocalQuota().admit(principal(concurrency=1), 1)).ok  # a fresh backend
 
 
 def test_keys_are_counted_apart_and_no_limit_means_none() -> None:
     limited, other, free = principal("0000000a", rpm=1), principal("0000000b", rpm=1), principal()
-    limits = LocalLimits(FakeTime())
+    limits = LocalQuota(FakeTime())
 
     async def scenario() -> list[bool]:
         return [
@@ -131,7 +131,7 @@ def test_keys_are_counted_apart_and_no_limit_means_none() -> None:
 
 def test_a_holder_not_seen_for_its_lease_loses_its_slots(caplog: pytest.LogCaptureFixture) -> None:
     clock, key = FakeTime(), principal(concurrency=2)
-    limits = LocalLimits(clock, lease_s=30)
+    limits = LocalQuota(clock, lease_s=30)
 
     async def scenario() -> list[bool]:
         seen = [(await limits.admit(key, 1, holder)).ok for holder in ("dead", "alive", "new")]
@@ -164,7 +164,7 @@ def test_a_holder_not_seen_for_its_lease_loses_its_slots(caplog: pytest.LogCaptu
 
 def test_a_release_without_a_slot_frees_nothing() -> None:
     key = principal(concurrency=1)
-    limits = LocalLimits(FakeTime())
+    limits = LocalQuota(FakeTime())
 
     async def scenario() -> list[bool]:
         await limits.release(key, 0)  # a release with no admit (a lost lease, a restart)
@@ -175,7 +175,7 @@ def test_a_release_without_a_slot_frees_nothing() -> None:
 
 def test_snapshot_counts_per_key_and_per_holder_over_the_window() -> None:
     clock = FakeTime()
-    limits = LocalLimits(clock, lease_s=30)
+    limits = LocalQuota(clock, lease_s=30)
     key_a, key_b = principal("0000000a"), principal("0000000b")
 
     async def scenario() -> None:
@@ -210,8 +210,8 @@ def test_snapshot_counts_per_key_and_per_holder_over_the_window() -> None:
 # --- the router's 429s --------------------------------------------------------------
 
 
-class RecordingLimits(LocalLimits):
-    """LocalLimits that also keeps what the router released, per key id."""
+class RecordingLimits(LocalQuota):
+    """LocalQuota that also keeps what the router released, per key id."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -270,7 +270,7 @@ def test_tpm_reached_is_429_counting_prompt_and_completion(tmp_path: Path) -> No
 
 def test_a_stream_is_charged_its_usage_even_when_the_client_did_not_ask(tmp_path: Path) -> None:
     limits = RecordingLimits()
-    fleet, limited, _ = keyed_fleet(tmp_path, {"tpm": 1000}, limits=limits)
+    fleet, limited, _ = keyed_fleet(tmp_path, {"tpm": 1000}, quota=limits)
     body = {"model": COMPLETIONS_MODEL, "prompt": "one two three", "stream": True}
     with TestClient(fleet.app) as http:
         response = http.post(COMPLETIONS_PATH, json=body, headers=limited)
@@ -290,7 +290,7 @@ async def _long_stream_then_leave(fleet: Fleet, headers: dict[str, str]) -> None
 def test_a_disconnect_charges_what_was_generated_before_it(tmp_path: Path) -> None:
     limits = RecordingLimits()
     fleet, limited, _ = keyed_fleet(
-        tmp_path, {"tpm": 5, "concurrency": 1}, limits=limits, token_delay_s=0.05
+        tmp_path, {"tpm": 5, "concurrency": 1}, quota=limits, token_delay_s=0.05
     )
     run(_long_stream_then_leave(fleet, limited))
     [(_, charged)] = limits.released
@@ -381,14 +381,14 @@ def test_a_stream_the_server_never_started_sending_frees_its_slot(tmp_path: Path
         assert http.post(CHAT_PATH, json=chat(), headers=limited).is_success
 
 
-def test_shared_limits_count_locally_while_the_actor_is_unreachable(
+def test_shared_quota_count_locally_while_the_actor_is_unreachable(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from ray.exceptions import RaySystemError
 
-    from llm_fleet.router.shared_limits import SharedLimits
+    from llm_fleet.router.shared_quota import SharedQuota
 
-    shared = SharedLimits("app")
+    shared = SharedQuota("app")
 
     def unreachable() -> Any:
         raise RaySystemError("GCS unavailable")
@@ -407,7 +407,7 @@ async def _admit_times(backend: Any, key: Principal, times: int) -> list[Admissi
 
 class FakeActorHandle:
     """A Ray actor handle without Ray: ``handle.method.remote(*args)`` is a coroutine
-    of the real ``_LimitsActor``, in this process. ``failing`` methods raise once."""
+    of the real ``_QuotaActor``, in this process. ``failing`` methods raise once."""
 
     def __init__(
         self,
@@ -415,9 +415,9 @@ class FakeActorHandle:
         failing: tuple[str, ...] = (),
         clock: FakeTime | None = None,
     ) -> None:
-        from llm_fleet.router.shared_limits import _LimitsActor
+        from llm_fleet.router.shared_quota import _QuotaActor
 
-        self.actor = _LimitsActor(lease_s, clock or FakeTime())
+        self.actor = _QuotaActor(lease_s, clock or FakeTime())
         self.calls: list[str] = []
         self._failing = set(failing)
 
@@ -434,15 +434,15 @@ class FakeActorHandle:
         return SimpleNamespace(remote=remote)
 
     def in_flight(self) -> int:
-        return sum(k["in_flight"] for k in self.actor._limits.snapshot()["keys"].values())
+        return sum(k["in_flight"] for k in self.actor._quota.snapshot()["keys"].values())
 
 
-def test_shared_limits_release_to_the_count_that_admitted() -> None:
+def test_shared_quota_release_to_the_count_that_admitted() -> None:
     from ray.exceptions import RaySystemError
 
-    from llm_fleet.router.shared_limits import SharedLimits
+    from llm_fleet.router.shared_quota import SharedQuota
 
-    shared, handle, key = SharedLimits("app"), FakeActorHandle(), principal(concurrency=1)
+    shared, handle, key = SharedQuota("app"), FakeActorHandle(), principal(concurrency=1)
 
     def reachable() -> Any:
         return handle
@@ -474,13 +474,13 @@ def test_shared_limits_release_to_the_count_that_admitted() -> None:
     assert run(scenario()) == [True, 1, False, True, True, 0]
 
 
-def test_shared_limits_renew_the_lease_while_requests_are_in_flight(
+def test_shared_quota_renew_the_lease_while_requests_are_in_flight(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from llm_fleet.router.shared_limits import SharedLimits
+    from llm_fleet.router.shared_quota import SharedQuota
 
     time = FakeTime()
-    shared = SharedLimits("app", lease_s=30, sleep=time.sleep)  # renews every 10 s
+    shared = SharedQuota("app", lease_s=30, sleep=time.sleep)  # renews every 10 s
     handle, key = FakeActorHandle(lease_s=30, failing=("renew",), clock=time), principal()
     shared._get_actor = lambda: handle  # type: ignore[method-assign]
 
@@ -508,7 +508,7 @@ def test_shared_limits_renew_the_lease_while_requests_are_in_flight(
 
 def test_a_renewal_sets_the_holders_slots_to_what_it_really_holds() -> None:
     clock, key, other = FakeTime(), principal(concurrency=2), principal("0000000b", concurrency=1)
-    limits = LocalLimits(clock, lease_s=30)
+    limits = LocalQuota(clock, lease_s=30)
 
     async def scenario() -> list[Any]:
         seen: list[Any] = [(await limits.admit(key, 1, "r1")).ok for _ in range(2)]
@@ -517,7 +517,7 @@ def test_a_renewal_sets_the_holders_slots_to_what_it_really_holds() -> None:
         await limits.renew("r1", {key.id: 1})  # r1 says it holds one
         seen.append((await limits.admit(key, 1, "r2")).ok)
         # A count restarted empty gets r1's slots back from its next renewal.
-        fresh = LocalLimits(clock, lease_s=30)
+        fresh = LocalQuota(clock, lease_s=30)
         await fresh.renew("r1", {other.id: 1})
         seen.append((await fresh.admit(other, 1, "r2")).ok)
         await fresh.renew("r1", {})  # nothing held any more
@@ -528,11 +528,11 @@ def test_a_renewal_sets_the_holders_slots_to_what_it_really_holds() -> None:
     assert run(scenario()) == [True, True, False, True, False, True, {"r1": 1, "r2": 1}]
 
 
-def test_shared_limits_a_lost_release_is_corrected_by_the_next_renewal() -> None:
-    from llm_fleet.router.shared_limits import SharedLimits
+def test_shared_quota_a_lost_release_is_corrected_by_the_next_renewal() -> None:
+    from llm_fleet.router.shared_quota import SharedQuota
 
     time = FakeTime()
-    shared = SharedLimits("app", lease_s=30, sleep=time.sleep)  # renews every 10 s
+    shared = SharedQuota("app", lease_s=30, sleep=time.sleep)  # renews every 10 s
     handle = FakeActorHandle(lease_s=60, failing=("release",), clock=time)
     key = principal(concurrency=2)
     shared._get_actor = lambda: handle  # type: ignore[method-assign]

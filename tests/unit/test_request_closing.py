@@ -22,7 +22,7 @@ from starlette.types import Message
 from llm_fleet.router.accounting import RequestRecord
 from llm_fleet.router.auth import KeyRing, Principal
 from llm_fleet.router.keys_file import create_key
-from llm_fleet.router.quota import LOCAL_HOLDER, Admission, LocalLimits
+from llm_fleet.router.quota import LOCAL_HOLDER, Admission, LocalQuota
 from tests.fakes import (
     AsgiChannel,
     Fleet,
@@ -33,8 +33,8 @@ from tests.fakes import (
 from tests.unit.ops_helpers import CHAT_PATH, chat, openai_error, sse_payloads
 
 
-class SlowLimits(LocalLimits):
-    """LocalLimits whose calls take a while, as the shared limits actor's do; it keeps
+class SlowQuota(LocalQuota):
+    """LocalQuota whose calls take a while, as the shared limits actor's do; it keeps
     what was released."""
 
     def __init__(self, admit_s: float = 0.0, release_s: float = 0.0) -> None:
@@ -59,10 +59,10 @@ class SlowLimits(LocalLimits):
         return sum(key["in_flight"] for key in self.snapshot()["keys"].values())
 
 
-def keyed(tmp_path: Path, limits: LocalLimits, **fleet: Any) -> tuple[Fleet, dict[str, str]]:
+def keyed(tmp_path: Path, limits: LocalQuota, **fleet: Any) -> tuple[Fleet, dict[str, str]]:
     path = tmp_path / "keys.yaml"
     key = create_key(path, "limited", concurrency=1)
-    app = make_fleet(keys=KeyRing.from_file(path), limits=limits, **fleet)
+    app = make_fleet(keys=KeyRing.from_file(path), quota=limits, **fleet)
     return app, {"Authorization": f"Bearer {key}"}
 
 
@@ -81,7 +81,7 @@ async def _cancelled_while_running(
     return channel.sent
 
 
-async def _settled(limits: SlowLimits, fleet: Fleet, timeout_s: float = 3.0) -> None:
+async def _settled(limits: SlowQuota, fleet: Fleet, timeout_s: float = 3.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while limits.in_flight() or await fleet.unfinished():
         if asyncio.get_running_loop().time() > deadline:
@@ -103,7 +103,7 @@ async def _settled(limits: SlowLimits, fleet: Fleet, timeout_s: float = 3.0) -> 
 def test_a_request_cancelled_anywhere_frees_its_slot_and_gauge(
     tmp_path: Path, where: str, body: dict[str, Any], after_s: float
 ) -> None:
-    limits = SlowLimits(admit_s=0.2 if where == "admitting" else 0.0, release_s=0.1)
+    limits = SlowQuota(admit_s=0.2 if where == "admitting" else 0.0, release_s=0.1)
     metrics = RecordingMetrics()
     fleet, headers = keyed(tmp_path, limits, metrics=metrics, token_delay_s=0.05)
 
@@ -130,7 +130,7 @@ def test_a_request_cancelled_anywhere_frees_its_slot_and_gauge(
 def test_a_client_closing_on_done_is_a_whole_answer(tmp_path: Path) -> None:
     """SDKs close the connection once ``[DONE]`` arrives: the relay ends there, so the
     request is a 200 with its tokens charged, not a 499."""
-    limits, metrics = SlowLimits(), RecordingMetrics()
+    limits, metrics = SlowQuota(), RecordingMetrics()
     # A Serve handle stream's end arrives after vLLM's ``[DONE]``: here 2 s after.
     lingering = {"end_lag_s": 2.0}
     fleet, headers = keyed(

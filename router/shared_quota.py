@@ -1,13 +1,13 @@
-"""Per-key limits that hold across every router replica: one Ray actor counts for all.
+"""Per-key quotas that hold across every router replica: one Ray actor counts for all.
 
-The actor runs :class:`~llm_fleet.router.quota.LocalLimits` (the same sliding windows), so the
+The actor runs :class:`~llm_fleet.router.quota.LocalQuota` (the same sliding windows), so the
 semantics are exactly those of ``router/quota.py``, counted once for the whole app. A
 router replica makes one actor call when it admits a request and one when the request
 ends: no call per token. The actor is detached and named after the app, so replicas
 that come and go (autoscaling, restarts) keep sharing it; it holds no secret (keys
 arrive as their ids and limits).
 
-Concurrency lease: each :class:`SharedLimits` is one holder in the actor's count (the
+Concurrency lease: each :class:`SharedQuota` is one holder in the actor's count (the
 router names it after its Serve replica). While it has requests in flight there, it
 renews its hold every ``lease_s / 3`` (one call per replica per interval, whatever the
 traffic), sending how many requests it has in flight per key: the actor sets this
@@ -39,35 +39,35 @@ from ray.exceptions import RayError
 
 from llm_fleet.deployments.background import Clock, PeriodicLoop, Sleep
 from llm_fleet.router.auth import Principal
-from llm_fleet.router.quota import Admission, LocalLimits
+from llm_fleet.router.quota import Admission, LocalQuota
 
 logger = logging.getLogger(__name__)
 NAMESPACE = "llm_fleet"
 
 
-class _LimitsActor:
+class _QuotaActor:
     def __init__(self, lease_s: float | None = None, clock: Clock = time.monotonic) -> None:
-        self._limits = LocalLimits(clock, lease_s=lease_s)
+        self._quota = LocalQuota(clock, lease_s=lease_s)
 
     async def admit(self, principal: Principal, est_tokens: int, holder: str) -> Admission:
-        return await self._limits.admit(principal, est_tokens, holder)
+        return await self._quota.admit(principal, est_tokens, holder)
 
     async def release(self, principal: Principal, tokens_used: int, holder: str) -> None:
-        await self._limits.release(principal, tokens_used, holder)
+        await self._quota.release(principal, tokens_used, holder)
 
     async def renew(self, holder: str, held: dict[str, int]) -> None:
-        await self._limits.renew(holder, held)
+        await self._quota.renew(holder, held)
 
     async def snapshot(self) -> dict[str, Any]:
-        return self._limits.snapshot()
+        return self._quota.snapshot()
 
 
 def actor_name(app_name: str) -> str:
     return f"limits:{app_name}"
 
 
-class SharedLimits:
-    """A ``LimitBackend`` over the app's one limits actor (see the module docstring).
+class SharedQuota:
+    """A ``QuotaBackend`` over the app's one limits actor (see the module docstring).
 
     ``holder`` names this instance in the actor's count (a random id if not given; the
     router passes its Serve replica id, so an operator can tell whose slots they are).
@@ -91,7 +91,7 @@ class SharedLimits:
         self._lease_s = lease_s
         self._holder = holder or uuid.uuid4().hex
         self._actor: Any = None
-        self._fallback = LocalLimits()
+        self._fallback = LocalQuota()
         # Key id -> requests of this replica counted by the actor and not yet released
         # (admissions on their way included, so a renewal never undercounts them).
         self._actor_held: dict[str, int] = {}
@@ -109,7 +109,7 @@ class SharedLimits:
         import ray
 
         if self._actor is None:
-            remote = ray.remote(num_cpus=0)(_LimitsActor)
+            remote = ray.remote(num_cpus=0)(_QuotaActor)
             self._actor = remote.options(  # type: ignore[attr-defined]
                 name=self._name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
             ).remote(self._lease_s)
