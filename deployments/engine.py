@@ -14,6 +14,10 @@ error takes its shape (its body by :func:`error_body`, which also builds the rou
 own error bodies); the router reads it back as an :class:`EngineError`
 (``Reply.error``) and maps it by status and code, never by the message's wording.
 
+An engine that can serve no more requests (it died, whether or not its processes did)
+raises :class:`EngineDeadError` from ``generate`` and fails ``check_health`` from then
+on: the replica answers 503 (``ENGINE_DEAD``) and Serve replaces it.
+
 Plain ``str`` and a small dataclass cross the Ray handle cheaply. Cancelling the
 stream (the router does that when its client disconnects) aborts the generation.
 The real engine (``deployments/vllm_engine.py``) and the fake one
@@ -29,6 +33,11 @@ from typing import Any, Literal, Protocol
 Route = Literal["chat", "completions"]
 # The codes an engine may give a failed request beyond its status (OpenAI's names).
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+ENGINE_DEAD = "engine_dead"
+
+
+class EngineDeadError(Exception):
+    """The engine can serve no more requests: the replica must be replaced."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,15 @@ from llm_fleet.deployments.cpu_placement import (
     place_engine,
     this_process,
 )
-from llm_fleet.deployments.engine import EngineInfo, EngineRequest, LLMEngine, Reply
+from llm_fleet.deployments.engine import (
+    ENGINE_DEAD,
+    EngineDeadError,
+    EngineInfo,
+    EngineRequest,
+    LLMEngine,
+    Reply,
+    error_reply,
+)
 from llm_fleet.deployments.errors import exception_reason
 from llm_fleet.deployments.frame_coalescing import coalesce_frames
 from llm_fleet.deployments.replica_status import Phase, PhaseReporter
@@ -110,6 +118,7 @@ class ModelDeployment:
         self._model = model
         self._coalesce = coalesce_frames
         self._engine: LLMEngine | None = None
+        self._engine_died: str | None = None  # why, once the engine is dead
         self._callers = CallerWatch()
         self._phase = _phase_reporter()
         try:
@@ -138,7 +147,11 @@ class ModelDeployment:
         request is cancelled (``deployments/caller_watch.py``).
         """
         assert self._engine is not None
+        if self._engine_died is not None:
+            yield self._dead_reply()
+            return
         started = time.perf_counter()
+        answered = False
         caller = request.caller
         untrack = self._callers.track(caller) if caller is not None else None
         stream = self._engine.generate(request.route, request.body, request.request_id)
@@ -150,10 +163,21 @@ class ModelDeployment:
                 async for item in stream:
                     if isinstance(item, Reply):
                         item = dataclasses.replace(item, engine_s=time.perf_counter() - started)
+                    answered = True
                     yield item
+        except EngineDeadError as exc:
+            self._engine_died = exception_reason(exc)
+            logger.error("engine of %s died: %s", self._model.id, self._engine_died)
+            if answered:
+                raise  # mid-stream: the router ends the stream with an error frame
+            yield self._dead_reply()
         finally:
             if untrack is not None:
                 untrack()
+
+    def _dead_reply(self) -> Reply:
+        message = f"model {self._model.id!r}: its engine stopped; a new replica is starting"
+        return error_reply(503, message, error_type="service_unavailable", code=ENGINE_DEAD)
 
     async def info(self) -> EngineInfo:
         return self._info
@@ -163,7 +187,10 @@ class ModelDeployment:
         return await self._engine.num_unfinished_requests()
 
     async def check_health(self) -> None:
+        """Raise (Serve then replaces this replica) if the engine is dead or unhealthy."""
         assert self._engine is not None
+        if self._engine_died is not None:
+            raise RuntimeError(f"engine dead: {self._engine_died}")
         await self._engine.check_health()
 
     async def __del__(self) -> None:

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from llm_fleet.deployments.config import ModelConfig
 from llm_fleet.deployments.engine import (
     CONTEXT_LENGTH_EXCEEDED,
+    EngineDeadError,
     EngineInfo,
     Reply,
     Route,
@@ -225,19 +226,31 @@ class VLLMEngine:
             yield _validation_reply(exc)
             return
         create = serving.create_chat_completion if route == "chat" else serving.create_completion
+        self._raise_if_dead()
         try:
             result = await create(request, raw_request=None)
         except (ValueError, client_error) as exc:
             # vLLM maps its client errors (e.g. an invalid sampling parameter) to a status.
             yield _error_reply(serving.create_error_response(exc))
             return
+        except Exception:
+            self._raise_if_dead()  # vLLM's own EngineDeadError, as the contract's
+            raise
         if isinstance(result, ErrorResponse):
+            # vLLM's serving layer answers a dead engine with a 500 body: tell it apart.
+            self._raise_if_dead()
             yield _error_reply(result)
         elif isinstance(result, AsyncGenerator):
             async for frame in result:
                 yield frame
         else:
             yield Reply(status=200, body=result.model_dump(mode="json"))
+
+    def _raise_if_dead(self) -> None:
+        """EngineDeadError if vLLM's engine core died (``AsyncLLM.errored``): the
+        replica answers 503 and fails its health check, and Serve replaces it."""
+        if self._client is not None and self._client.errored:
+            raise EngineDeadError(f"vLLM engine dead: {self._client.dead_error!r}")
 
     async def check_health(self) -> None:
         if self._client is None:

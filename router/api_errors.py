@@ -209,5 +209,6 @@ def api_error_from_engine(error: EngineError) -> APIError:
             error.message, code=error.code, param=error.param, status_code=error.status
         )
     if error.status == 503:
-        return ServiceUnavailableError(error.message)
+        # e.g. ``engine_dead``: the replica's engine died and Serve is replacing it.
+        return ServiceUnavailableError(error.message, code=error.code)
     return InternalServerError(error.message)

@@ -26,6 +26,7 @@ from typing import Any
 from llm_fleet.deployments.config import ModelConfig
 from llm_fleet.deployments.engine import (
     CONTEXT_LENGTH_EXCEEDED,
+    EngineDeadError,
     EngineInfo,
     Reply,
     Route,
@@ -92,6 +93,7 @@ class FakeEngine:
         self.token_delay_s = token_delay_s
         self._unfinished = 0
         self._started = False
+        self._dead = False
 
     @classmethod
     def from_config(cls, model: ModelConfig, path: Path) -> FakeEngine:
@@ -153,6 +155,8 @@ class FakeEngine:
     async def generate(
         self, route: Route, body: dict[str, Any], request_id: str
     ) -> AsyncGenerator[str | Reply, None]:
+        if self._dead:
+            raise EngineDeadError(f"fake engine of {self.model_id} died")
         plan = self._plan(route, body)
         if isinstance(plan, Reply):
             yield plan
@@ -203,7 +207,14 @@ class FakeEngine:
         whole = choice(" ".join(plan.tokens), plan.finish_reason, role=True)
         yield Reply(status=200, body={**head, "choices": [whole], "usage": usage})
 
+    def die(self) -> None:
+        """The engine dies, its process alive (vLLM's engine core gone): ``generate``
+        raises ``EngineDeadError`` and ``check_health`` fails from now on."""
+        self._dead = True
+
     async def check_health(self) -> None:
+        if self._dead:
+            raise RuntimeError("FakeEngine died")
         if not self._started:
             raise RuntimeError("FakeEngine not started (or shut down)")
 

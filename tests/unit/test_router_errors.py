@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from llm_fleet.deployments.engine import Reply, Route
 from llm_fleet.router.app import create_app
-from tests.fake_handle import BACK_PRESSURE
+from tests.fake_handle import BACK_PRESSURE, run_sync
 from tests.fakes import (
     CHAT_MODEL,
     COMPLETIONS_MODEL,
@@ -296,3 +296,27 @@ def test_cors_allows_the_configured_origin_only() -> None:
     assert answer.headers["access-control-allow-origin"] == "https://app.example"
     assert "x-request-id" in answer.headers["access-control-expose-headers"].lower()
     assert "access-control-allow-origin" not in other.headers
+
+
+# --- an engine that died, its replica process alive ----------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_dead_engine_is_a_503_and_fails_the_replicas_health_check(stream: bool) -> None:
+    """vLLM's engine core gone, the replica alive: the replica answers 503
+    ``engine_dead`` with Retry-After (never 500) and fails its health check, so Serve
+    replaces it."""
+    fleet = make_fleet()
+    fleet.engines[CHAT_MODEL].die()
+    with TestClient(fleet.app) as http:
+        first = http.post(CHAT_PATH, json=chat(stream=stream))
+        again = http.post(CHAT_PATH, json=chat(stream=stream))
+    for response in (first, again):
+        error = error_of(response, 503, code="engine_dead")
+        assert "engine stopped" in error["message"]
+        assert response.headers["retry-after"] == "1"
+    replica = fleet.handles[CHAT_MODEL].replica
+    with pytest.raises(RuntimeError, match="engine dead"):
+        run_sync(replica.check_health())
+    healthy = make_fleet().handles[CHAT_MODEL].replica
+    run_sync(healthy.check_health())  # the check fails for the dead one only
