@@ -47,6 +47,26 @@ def check_answer(label: str, status: int, headers: Any, body: Any) -> None:
         assert int(headers["retry-after"]) >= 1
 
 
+Send = Callable[[schemathesis.Case], tuple[int, Any, Any]]
+
+
+def sender(http: Any, base_url: str) -> Send:
+    """``send`` for :func:`fuzz` over an httpx-style client (``httpx.Client`` or
+    Starlette's ``TestClient``): status, headers and the parsed body (text if not JSON)."""
+
+    def send(case: schemathesis.Case) -> tuple[int, Any, Any]:
+        kwargs = case.as_transport_kwargs(base_url=base_url)
+        kwargs.pop("cookies", None)  # none in this API; per-request cookies are deprecated
+        response = http.request(**kwargs)
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text
+        return response.status_code, response.headers, body
+
+    return send
+
+
 def fuzz(
     schema: schemathesis.BaseSchema,
     send: Callable[[schemathesis.Case], tuple[int, Any, Any]],

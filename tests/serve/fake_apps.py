@@ -10,11 +10,14 @@ The engine arguments are the fake's own, never vLLM's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 from ray.serve import Application
 
 from llm_fleet.deployments.builder import load_config
@@ -46,3 +49,42 @@ def slow_fake_engine(model: ModelConfig, path: Path) -> FakeEngine:
 
 def build_fake_fleet(args: Mapping[str, Any]) -> Application:
     return build_real_fleet(load_config(args, os.environ), slow_fake_engine)
+
+
+# One small router replica, for a test app beside the shared fleet.
+ONE_ROUTER = {"num_cpus": 0.05, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+
+
+def fake_model(model_id: str, **fields: Any) -> dict[str, Any]:
+    """A model entry for the fake engine: one small replica, a quick shutdown;
+    ``fields`` add or replace config fields (``engine_args`` are the fake's own)."""
+    return {
+        "id": model_id,
+        "source": "embedded://smollm2-135m-instruct",
+        "resources": {"num_cpus": 0.05},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        "graceful_shutdown_timeout_s": 1,
+        **fields,
+    }
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    """Until the app at ``url`` answers ``/health/ready`` with 200."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/health/ready", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, f"{url} not ready in {timeout_s} s"
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def deployed(base_url: str, app: str, args: Mapping[str, Any], timeout_s: float) -> Iterator[str]:
+    """The fake fleet of ``args`` as Serve app ``app`` on the shared cluster, at
+    ``/<app>`` under ``base_url``, once ready; deleted afterwards."""
+    from ray import serve
+
+    serve.run(build_fake_fleet(args), name=app, route_prefix=f"/{app}")
+    try:
+        wait_ready(f"{base_url}/{app}", timeout_s)
+        yield f"{base_url}/{app}"
+    finally:
+        serve.delete(app)

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.serve.conftest import Fleet
+from tests.serve.fake_apps import ONE_ROUTER, deployed, fake_model, wait_ready
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -41,49 +42,18 @@ HEALTH_CHECK_S = 2.0
 
 @pytest.fixture(scope="module")
 def app_url(fleet: Fleet, ray_driver: None) -> Iterator[str]:
-    from ray import serve
-
-    from tests.serve.fake_apps import build_fake_fleet
-
-    args = {
-        "router": {"num_cpus": 0.05, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-        "models": [
-            {
-                "id": MODEL,
-                "source": "embedded://smollm2-135m-instruct",
-                "engine_args": {"token_delay_s": TOKEN_DELAY_S, "start_delay_s": START_DELAY_S},
-                "resources": {"num_cpus": 0.05},
-                "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-                "max_ongoing_requests": MAX_ONGOING,
-                "max_queued_requests": MAX_QUEUED,
-                "graceful_shutdown_timeout_s": 1,
-                "health_check_period_s": HEALTH_CHECK_S,
-                "unavailable": {"retry_after_s": 7},
-            },
-            {
-                "id": ROOMY_MODEL,
-                "source": "embedded://smollm2-135m-instruct",
-                "engine_args": {"token_delay_s": TOKEN_DELAY_S},
-                "resources": {"num_cpus": 0.05},
-                "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-                "graceful_shutdown_timeout_s": 1,
-            },
-        ],
-    }
-    serve.run(build_fake_fleet(args), name=APP, route_prefix=f"/{APP}")
-    url = f"{fleet.base_url}/{APP}"
-    try:
-        _until_ready(url, START_DELAY_S + 60)
+    slow = fake_model(
+        MODEL,
+        engine_args={"token_delay_s": TOKEN_DELAY_S, "start_delay_s": START_DELAY_S},
+        max_ongoing_requests=MAX_ONGOING,
+        max_queued_requests=MAX_QUEUED,
+        health_check_period_s=HEALTH_CHECK_S,
+        unavailable={"retry_after_s": 7},
+    )
+    roomy = fake_model(ROOMY_MODEL, engine_args={"token_delay_s": TOKEN_DELAY_S})
+    args = {"router": ONE_ROUTER, "models": [slow, roomy]}
+    with deployed(fleet.base_url, APP, args, START_DELAY_S + 60) as url:
         yield url
-    finally:
-        serve.delete(APP)
-
-
-def _until_ready(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{url}/health/ready", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, f"{MODEL} did not start"
-        time.sleep(0.5)
 
 
 def _body(max_tokens: int, *, stream: bool, model: str = MODEL) -> dict[str, Any]:
@@ -184,7 +154,7 @@ def test_requests_while_the_model_replica_restarts_are_answered_at_once(app_url:
     # first one, the health check and the board's poll; hundredths after that).
     assert all(took < HEALTH_CHECK_S + 5 for took, _ in answered), answered
     assert any(status == 503 for _, status in answered), answered
-    _until_ready(app_url, START_DELAY_S + 60)
+    wait_ready(app_url, START_DELAY_S + 60)
     assert httpx.post(url, json=_body(2, stream=False), timeout=30).is_success
 
 
