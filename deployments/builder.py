@@ -13,6 +13,8 @@ Environment overrides, read here and only here (replicas get objects, not env):
 - ``CORS_ALLOWED_ORIGINS``: comma-separated origins; replaces ``router.cors_allowed_origins``.
 - ``LLM_FLEET_KEYS_FILE``: absolute path of the API keys file; replaces
   ``router.keys_file`` (the same variable is the ``llm-fleet keys`` default ``--file``).
+- ``LLM_FLEET_DRAIN_DIR``: absolute path of the drain folder; replaces
+  ``router.drain_dir`` (``llm-fleet serve`` sets it for the cluster it starts).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ ENV_DEFAULT_MAX_TOKENS = "LLM_DEFAULT_MAX_TOKENS"
 ENV_MAX_TOKENS_LIMIT = "LLM_MAX_TOKENS_LIMIT"
 ENV_CORS_ALLOWED_ORIGINS = "CORS_ALLOWED_ORIGINS"
 ENV_KEYS_FILE = "LLM_FLEET_KEYS_FILE"
+ENV_DRAIN_DIR = "LLM_FLEET_DRAIN_DIR"
 # The one key a direct app's args add to the fleet's (llm_fleet.router.builder.build_direct_app).
 DIRECT_MODEL_ARG = "direct_model"
 
@@ -118,15 +121,16 @@ def load_config(args: Mapping[str, Any], environ: Mapping[str, str]) -> FleetCon
     if origins is not None and origins.strip():
         router = config.router.model_copy(update={"cors_allowed_origins": _split(origins)})
         config = config.model_copy(update={"router": router})
-    keys_file = environ.get(ENV_KEYS_FILE, "").strip()
-    if keys_file:
-        try:
-            router = type(config.router).model_validate(
-                {**config.router.model_dump(), "keys_file": keys_file}
-            )
-        except ValidationError as exc:
-            raise ConfigError(f"{ENV_KEYS_FILE}: " + describe_validation_error(exc)) from None
-        config = config.model_copy(update={"router": router})
+    for variable, field in ((ENV_KEYS_FILE, "keys_file"), (ENV_DRAIN_DIR, "drain_dir")):
+        value = environ.get(variable, "").strip()
+        if value:
+            try:
+                router = type(config.router).model_validate(
+                    {**config.router.model_dump(), field: value}
+                )
+            except ValidationError as exc:
+                raise ConfigError(f"{variable}: " + describe_validation_error(exc)) from None
+            config = config.model_copy(update={"router": router})
     return config
 
 

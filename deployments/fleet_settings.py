@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -146,6 +146,14 @@ class RouterConfig(StrictModel):
         "every route but /health/* needs a valid key. With none, auth is off and the router "
         "logs a loud warning at startup. LLM_FLEET_KEYS_FILE overrides it.",
     )
+    drain_dir: str | None = Field(
+        None,
+        description="Absolute path of a folder every router replica's node can read and "
+        "write: the drain signal before a shutdown (see router/drain.py). A file 'draining' "
+        "in it, holding the drain's end as Unix time, makes the routers refuse new requests "
+        "(503 shutting_down) and give those in flight until that end. llm-fleet serve makes "
+        "one and sets LLM_FLEET_DRAIN_DIR, which overrides this.",
+    )
     quota_lease_s: float = Field(
         30.0,
         ge=3,
@@ -159,10 +167,10 @@ class RouterConfig(StrictModel):
         "actor is killed.",
     )
 
-    @field_validator("keys_file")
+    @field_validator("keys_file", "drain_dir")
     @classmethod
-    def _absolute(cls, value: str | None) -> str | None:
+    def _absolute(cls, value: str | None, info: ValidationInfo) -> str | None:
         # Router replicas run on other nodes and in other working directories.
         if value is not None and not value.startswith("/"):
-            raise ValueError("keys_file must be an absolute path")
+            raise ValueError(f"{info.field_name} must be an absolute path")
         return value

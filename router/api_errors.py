@@ -164,6 +164,21 @@ class ServiceUnavailableError(APIError):
     rejection = "overload"
 
 
+class ShuttingDownError(ServiceUnavailableError):
+    """The gateway is draining before a shutdown (``router/drain.py``): a new request is
+    refused, or one in flight ran past the drain's end (its generation aborted)."""
+
+    default_code = "shutting_down"
+    rejection = "unavailable"
+
+    def __init__(self, retry_after_s: int = 1):
+        super().__init__(
+            "The gateway is shutting down; retry shortly (another replica or the restarted "
+            "gateway will answer).",
+            retry_after_s=retry_after_s,
+        )
+
+
 class ModelNotReadyError(ServiceUnavailableError):
     """No replica of the model is ready: loading, scaled to zero, or failed to start."""
 

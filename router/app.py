@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llm_fleet.deployments.config import FleetConfig
 from llm_fleet.router.api_errors import APIError, BadRequestError, InternalServerError
 from llm_fleet.router.auth import KeyRing
+from llm_fleet.router.drain import Drain
 from llm_fleet.router.errors import error_response
 from llm_fleet.router.health import add_health_routes
 from llm_fleet.router.metrics import NoMetrics, RouterMetrics
@@ -50,6 +51,7 @@ def create_app(
     echo_request_id: bool = True,
     keys: KeyRing | None = None,
     quota: QuotaBackend | None = None,
+    drain: Drain | None = None,
 ) -> FastAPI:
     """The gateway for ``config``'s models; ``clients`` has one entry per allowed model.
 
@@ -61,7 +63,8 @@ def create_app(
     ``keys``: every route but /health/* needs one of these API keys (401 otherwise),
     and a key sees only its models (any other is the 404 of an unknown model). None:
     no auth at all. ``quota`` counts each key's requests, tokens and concurrency
-    (default with keys: in this process, ``LocalQuota``).
+    (default with keys: in this process, ``LocalQuota``). ``drain``: the replica's
+    drain before a shutdown (``router/drain.py``; none: never drains).
     """
     pipeline = Pipeline(
         config,
@@ -70,11 +73,12 @@ def create_app(
         recorder=metrics or NoMetrics(),
         quota=quota or LocalQuota(),
         keys=keys,
+        drain=drain,
     )
     app = FastAPI(title="llm-fleet", docs_url=None, redoc_url=None)
     _install_error_handlers(app, echo_request_id)
     app.include_router(model_routes(pipeline))
-    add_health_routes(app, pipeline.models, pipeline.source)
+    add_health_routes(app, pipeline.models, pipeline.source, pipeline.drain)
     if metrics_text is not None and config.router.expose_metrics:
         app.include_router(metrics_routes(pipeline, metrics_text))
     app.include_router(inference_routes(pipeline))

@@ -38,6 +38,7 @@ from llm_fleet.deployments.model_deployment import EngineFactory, ModelDeploymen
 from llm_fleet.deployments.serve_logging import log_through_serve
 from llm_fleet.router.app import create_app
 from llm_fleet.router.auth import load_keyring
+from llm_fleet.router.drain import Drain
 from llm_fleet.router.ingress import stop_services
 from llm_fleet.router.metrics import RayRouterMetrics
 from llm_fleet.router.model_status import ModelStatus
@@ -135,6 +136,8 @@ class DirectModelIngress(ModelDeployment):
             reason="this replica answers; the router's /health shows every replica",
         )
         one_model = config.model_copy(update={"models": [model]})
+        self._drain = Drain(config.router.drain_dir)
+        await self._drain.start()
         self._app = create_app(
             one_model,
             {model_id: InProcessClient(self)},
@@ -143,13 +146,14 @@ class DirectModelIngress(ModelDeployment):
             echo_request_id=False,  # Serve's proxy echoes X-Request-Id itself
             keys=self._keys,
             quota=self._quota,
+            drain=self._drain,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
 
     async def __del__(self) -> None:
-        await stop_services(self, "_keys", "_quota")
+        await stop_services(self, "_keys", "_quota", "_drain")
         await super().__del__()
 
 

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from llm_fleet.router.api_errors import RequestTimeoutError
+from llm_fleet.router.api_errors import APIError, RequestTimeoutError
 
 T = TypeVar("T")
 
@@ -53,19 +53,31 @@ async def unless_disconnected(
 
 
 class Deadline:
-    """``router.request_timeout_s`` for one request, counted from its arrival."""
+    """``router.request_timeout_s`` for one request, counted from its arrival; a drain
+    (``router/drain.py``) may :meth:`cut` it shorter."""
 
     def __init__(self, timeout_s: float | None) -> None:
-        self.timeout_s = timeout_s
         self.at = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        self._error: APIError = RequestTimeoutError(timeout_s or 0)
+        self._waiting: asyncio.Timeout | None = None
+
+    def cut(self, at: float, error: APIError) -> None:
+        """End at loop time ``at`` (if sooner) with ``error``, also a wait under way."""
+        if self.at is not None and self.at <= at:
+            return
+        self.at, self._error = at, error
+        if self._waiting is not None:
+            self._waiting.reschedule(at)
 
     async def within(self, work: Awaitable[T]) -> T:
-        """``work``'s result, or RequestTimeoutError (``work`` cancelled: an engine
-        call's generation aborted) once the deadline passes."""
-        if self.at is None or self.timeout_s is None:
-            return await work
+        """``work``'s result, or the deadline's error (RequestTimeoutError, or the
+        drain's) once it passes; ``work`` is then cancelled (an engine call's
+        generation aborted)."""
         try:
-            async with asyncio.timeout_at(self.at):
+            async with asyncio.timeout_at(self.at) as waiting:
+                self._waiting = waiting
                 return await work
         except TimeoutError:
-            raise RequestTimeoutError(self.timeout_s) from None
+            raise self._error from None
+        finally:
+            self._waiting = None

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.router.drain import Drain
 from llm_fleet.router.model_status import ModelStatus, ModelStatusSource
 
 
@@ -60,8 +61,10 @@ def is_ready(models: Mapping[str, ModelConfig], statuses: Mapping[str, ModelStat
 
 
 def add_health_routes(
-    app: FastAPI, models: Mapping[str, ModelConfig], source: ModelStatusSource
+    app: FastAPI, models: Mapping[str, ModelConfig], source: ModelStatusSource, drain: Drain
 ) -> None:
+    """``/health/live`` and ``/health/ready`` (503 ``draining`` once a drain began)."""
+
     @app.get("/health/live")
     async def live() -> dict[str, Any]:
         return {"status": "live", "models": _models_body(models, source.snapshot())}
@@ -69,6 +72,7 @@ def add_health_routes(
     @app.get("/health/ready")
     async def ready() -> JSONResponse:
         statuses = source.snapshot()
-        ok = is_ready(models, statuses)
-        body = {"status": "ready" if ok else "not_ready", "models": _models_body(models, statuses)}
+        ok = is_ready(models, statuses) and not drain.draining
+        state = "draining" if drain.draining else "ready" if ok else "not_ready"
+        body = {"status": state, "models": _models_body(models, statuses)}
         return JSONResponse(body, status_code=200 if ok else 503)

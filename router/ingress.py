@@ -12,6 +12,7 @@ from llm_fleet.deployments.config import FleetConfig
 from llm_fleet.deployments.serve_logging import log_through_serve
 from llm_fleet.router.app import create_app
 from llm_fleet.router.auth import load_keyring
+from llm_fleet.router.drain import Drain
 from llm_fleet.router.metrics import RayRouterMetrics
 from llm_fleet.router.model_client import HandleModelClient
 from llm_fleet.router.node_metrics import NodeMetrics
@@ -72,6 +73,8 @@ class RouterIngress:
             if self._keys is not None
             else None
         )
+        self._drain = Drain(config.router.drain_dir)
+        await self._drain.start()
         # Serve's proxy echoes X-Request-Id on every response; echoing too would send it twice.
         self._app = create_app(
             config,
@@ -82,13 +85,14 @@ class RouterIngress:
             echo_request_id=False,
             keys=self._keys,
             quota=self._quota,
+            drain=self._drain,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
 
     async def __del__(self) -> None:
-        await stop_services(self, "_board", "_keys", "_quota")
+        await stop_services(self, "_board", "_keys", "_quota", "_drain")
 
 
 async def stop_services(replica: object, *names: str) -> None:

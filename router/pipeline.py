@@ -1,6 +1,8 @@
 """The request pipeline: one chat or completions request, from its HTTP body to the
 engine's answer, as named steps in the order they run (:meth:`Pipeline.run`):
 
+0. ``drain.refuse_if_draining``: a gateway about to shut down takes no new request
+   (``router/drain.py``), 503;
 1. ``authenticate``: the caller's API key (``router/auth.py``), or 401;
 2. ``read_json`` and ``parse_request``: the body, size-capped, and the OpenAI fields the
    router checks (``router/protocol.py``), or 400/413/415;
@@ -39,6 +41,7 @@ from llm_fleet.router.api_errors import (
     api_error_from_engine,
 )
 from llm_fleet.router.auth import KeyRing, Principal
+from llm_fleet.router.drain import Drain
 from llm_fleet.router.errors import error_response
 from llm_fleet.router.guards import ClientDisconnected, Deadline, unless_disconnected
 from llm_fleet.router.metrics import RouterMetrics
@@ -67,10 +70,12 @@ class Pipeline:
         recorder: RouterMetrics,
         quota: QuotaBackend,
         keys: KeyRing | None,
+        drain: Drain | None = None,
     ) -> None:
         self.config, self.clients = config, clients
         self.models: dict[str, ModelConfig] = {m.id: m for m in config.models if m.id in clients}
         self.source, self.recorder, self.quota, self.keys = source, recorder, quota, keys
+        self.drain = drain or Drain(None)
 
     def authenticate(self, request: Request) -> Principal | None:
         """The request's principal; with keys, none is a 401. Without keys: None."""
@@ -107,6 +112,7 @@ class Pipeline:
             if record.finished_at is not None:
                 return
             record.finish()  # first, and with no await before: finished exactly once
+            self.drain.finished()
             self.recorder.request_finished(record)
             log_request(record)
             await uninterrupted(hold.release(record.tokens_used))
@@ -122,7 +128,9 @@ class Pipeline:
         hold = QuotaHold(self.quota, None)
         finish = self.finisher(hold)
         handed_to_relay = False
+        self.drain.started()
         try:
+            self.drain.refuse_if_draining()
             hold.principal = self.authenticate(request)
             record.key = hold.principal.id if hold.principal is not None else None
             response, handed_to_relay = await self.run(route, request, record, hold, finish)
@@ -157,6 +165,7 @@ class Pipeline:
         """Steps 2 to 8 (the module docstring). Returns the response, and whether it is a
         stream that finishes its own record when it ends."""
         deadline = Deadline(self.config.router.request_timeout_s)
+        self.drain.track(deadline)
         body = await read_json(request, self.config.router.max_request_bytes)
         parsed = parse_request(route, body)
         model = self.resolve_model(hold.principal, parsed.model)

@@ -25,6 +25,7 @@ from llm_fleet.deployments.config import FleetConfig, ModelConfig
 from llm_fleet.router.accounting import RequestRecord
 from llm_fleet.router.app import MetricsText, create_app
 from llm_fleet.router.auth import KeyRing
+from llm_fleet.router.drain import Drain
 from llm_fleet.router.model_client import HandleModelClient, ModelClient
 from llm_fleet.router.model_status import ModelStatus, State
 from llm_fleet.router.quota import QuotaBackend
@@ -188,6 +189,7 @@ def make_fleet(
     metrics_text: MetricsText | None = None,
     keys: KeyRing | None = None,
     quota: QuotaBackend | None = None,
+    drain: Drain | None = None,
     **router: Any,
 ) -> Fleet:
     """The router app over fake engines for the allowed models.
@@ -195,7 +197,7 @@ def make_fleet(
     ``handle_options`` go to every ``ReplicaHandle`` (e.g. a refusal to raise);
     ``extra_clients`` add or replace model clients;
     ``model_fields`` add per-model config fields (see ``fleet_config``); ``status``,
-    ``metrics``, ``metrics_text``, ``keys`` and ``quota`` go to ``create_app``;
+    ``metrics``, ``metrics_text``, ``keys``, ``quota`` and ``drain`` go to ``create_app``;
     ``router`` overrides ``RouterConfig`` fields.
     """
     engines = {
@@ -219,6 +221,7 @@ def make_fleet(
         metrics_text=metrics_text,
         keys=keys,
         quota=quota,
+        drain=drain,
     )
     return Fleet(app=app, engines=engines, handles=handles)
 
