@@ -28,15 +28,26 @@ Ray's defaults; the README says why for each.
 
 A cluster started some other way (KubeRay, ``ray start``) needs the same variable in
 its nodes' environment (``infra/kuberay/rayservice.yaml`` sets it).
+
+Draining (``grace_s``, 30 s by default; ``llm-fleet serve --grace-s``): the launcher
+gives the cluster a drain folder (``LLM_FLEET_DRAIN_DIR``, ``router/drain.py``). On the
+first SIGINT or SIGTERM it writes the drain's end there: the routers refuse new
+requests (503 ``shutting_down``) and give those in flight until then; once no router
+replica has a request in flight (their ``busy-*`` files are gone), or at the end, Serve
+is stopped as above. ``grace_s=0`` skips the drain: Serve is stopped at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
@@ -44,6 +55,12 @@ from types import FrameType
 import psutil
 
 STOP_TIMEOUT_S = 60.0
+GRACE_S = 30.0
+DRAIN_ENV = "LLM_FLEET_DRAIN_DIR"
+# How long the routers take to see a drain (they look every 0.2 s), and how often the
+# launcher looks at their busy files.
+DRAIN_SETTLE_S = 1.0
+DRAIN_POLL_S = 0.2
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 SERVING_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
 
@@ -120,32 +137,80 @@ def start(
     )
 
 
-def serve_foreground(config: str) -> int:
+def _stop_serve(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        print("llm-fleet: stopping Serve, engines and the local Ray cluster...", flush=True)
+        process.send_signal(signal.SIGINT)
+
+
+def start_drain(folder: Path, grace_s: float) -> float:
+    """Tell the routers following ``folder`` to drain for ``grace_s``; returns the end
+    (Unix time) written to its ``draining`` file."""
+    end = time.time() + grace_s
+    staged = folder / ".draining"
+    staged.write_text(f"{end}\n")
+    staged.replace(folder / "draining")  # the routers see the whole end or nothing
+    return end
+
+
+def drain_then_stop(
+    process: subprocess.Popen[bytes],
+    folder: Path,
+    grace_s: float,
+    *,
+    settle_s: float = DRAIN_SETTLE_S,
+    poll_s: float = DRAIN_POLL_S,
+) -> float:
+    """Start a drain of ``grace_s`` in ``folder``, wait until no router has a request in
+    flight (or the grace is over), then stop ``serve run``. Returns the seconds waited."""
+    started = time.monotonic()
+    end = start_drain(folder, grace_s)
+    print(
+        f"llm-fleet: draining: new requests get 503; those in flight have {grace_s:g} s",
+        flush=True,
+    )
+    time.sleep(settle_s)
+    while process.poll() is None and any(folder.glob("busy-*")) and time.time() < end + settle_s:
+        time.sleep(poll_s)
+    _stop_serve(process)
+    return time.monotonic() - started
+
+
+def serve_foreground(config: str, grace_s: float = GRACE_S) -> int:
     """Run until ``serve run`` exits or the launcher is told to stop.
 
-    First SIGINT/SIGTERM: one SIGINT to ``serve run``, which stops Serve, the engines
-    and the local cluster. A second one: kill it and everything under it. The
-    handlers never wait on the child themselves (the main thread already does).
+    First SIGINT/SIGTERM: the drain (module docstring), then one SIGINT to ``serve
+    run``, which stops Serve, the engines and the local cluster. A second one: kill it
+    and everything under it. The handlers never wait on the child themselves (the main
+    thread already does); the drain waits in a thread of its own.
     """
     process: subprocess.Popen[bytes] | None = None
     signals = 0
+    given = os.environ.get(DRAIN_ENV)
+    folder = Path(given or tempfile.mkdtemp(prefix="llm-fleet-drain-"))
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal signals
         signals += 1
         if process is None or process.poll() is not None:
             return
-        if signals == 1:
-            print("llm-fleet: stopping Serve, engines and the local Ray cluster...", flush=True)
-            process.send_signal(signal.SIGINT)
-        else:
+        if signals > 1:
             print("llm-fleet: killing serve run and everything it started", flush=True)
             kill_tree(process.pid)
+        elif grace_s > 0:
+            args = (process, folder, grace_s)
+            threading.Thread(target=drain_then_stop, args=args, daemon=True).start()
+        else:
+            _stop_serve(process)
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    process = start(config)
-    code = process.wait()
+    try:
+        process = start(config, env={**os.environ, DRAIN_ENV: str(folder)})
+        code = process.wait()
+    finally:
+        if not given:
+            shutil.rmtree(folder, ignore_errors=True)
     return 0 if signals else code
 
 

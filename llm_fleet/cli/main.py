@@ -160,7 +160,7 @@ def _serve(options: argparse.Namespace) -> int:
     from llm_fleet.cli.launcher import serve_foreground
 
     code = _validate_file(options.file)
-    return code if code != EXIT_OK else serve_foreground(options.file)
+    return code if code != EXIT_OK else serve_foreground(options.file, options.grace_s)
 
 
 def _prepare(options: argparse.Namespace) -> int:
@@ -289,6 +289,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_keys_commands(commands)
     serve = commands.add_parser("serve", help="validate, then serve a config in the foreground")
     serve.add_argument("file", metavar="FILE")
+    serve.add_argument(
+        "--grace-s",
+        type=float,
+        default=30.0,
+        help="on Ctrl-C or SIGTERM, refuse new requests and give those in flight this long "
+        "before stopping (0: stop at once; default 30)",
+    )
     serve.set_defaults(handler=_serve)
     return parser
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from llm_fleet.cli import launcher
+from llm_fleet.router.drain import read_drain_end
 
 SLEEPER = [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"]
 
@@ -90,3 +94,47 @@ def test_serving_settings_are_defaults_the_caller_can_override() -> None:
     assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in env
     mine = launcher.local_cluster_env({"RAY_SERVE_PROXY_USE_GRPC": "0", "RAY_ADDRESS": "ray://h:1"})
     assert mine["RAY_SERVE_PROXY_USE_GRPC"] == "0"
+
+
+# --- the drain before the stop --------------------------------------------------------
+
+
+def _sleeper() -> subprocess.Popen[bytes]:
+    process = launcher.start("unused", command=SLEEPER, stdout=subprocess.PIPE)
+    assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+    return process
+
+
+def _drain(
+    folder: Path, grace_s: float, on_start: Callable[[], None] = lambda: None
+) -> tuple[float, subprocess.Popen[bytes]]:
+    process = _sleeper()
+    on_start()
+    try:
+        waited = launcher.drain_then_stop(process, folder, grace_s, settle_s=0.1, poll_s=0.02)
+        assert process.wait(timeout=10) == -signal.SIGINT  # stopped the clean way
+    finally:
+        launcher.kill_tree(process.pid)
+    return waited, process
+
+
+def test_the_drain_waits_for_the_routers_in_flight_requests(tmp_path: Path) -> None:
+    busy = tmp_path / "busy-123"
+    busy.touch()
+    last_request_ends = threading.Timer(0.6, busy.unlink)
+    before = time.time()
+    waited, _ = _drain(tmp_path, grace_s=30, on_start=last_request_ends.start)
+    assert 0.6 <= waited < 3  # not the whole grace
+    end = read_drain_end(tmp_path)  # what the routers read
+    assert end is not None and before + 30 <= end <= time.time() + 30
+
+
+def test_the_drain_stops_at_the_grace_end_whatever_is_in_flight(tmp_path: Path) -> None:
+    (tmp_path / "busy-123").touch()  # a request that never ends, or a router that died
+    waited, _ = _drain(tmp_path, grace_s=0.5)
+    assert 0.5 <= waited < 2.5
+
+
+def test_with_nothing_in_flight_the_drain_only_lets_the_routers_see_it(tmp_path: Path) -> None:
+    waited, _ = _drain(tmp_path, grace_s=30)
+    assert waited < 1.5
