@@ -34,7 +34,9 @@ gives the cluster a drain folder (``LLM_FLEET_DRAIN_DIR``, ``router/drain.py``).
 first SIGINT or SIGTERM it writes the drain's end there: the routers refuse new
 requests (503 ``shutting_down``) and give those in flight until then; once no router
 replica has a request in flight (their ``busy-*`` files are gone), or at the end, Serve
-is stopped as above. ``grace_s=0`` skips the drain: Serve is stopped at once.
+is stopped as above. With ``grace_s=0`` the requests in flight are ended at once (503
+``shutting_down``, or that error frame ending a stream; their generation stopped), and
+Serve is stopped as soon as the routers have let go of them (about a second).
 """
 
 from __future__ import annotations
@@ -197,11 +199,9 @@ def serve_foreground(config: str, grace_s: float = GRACE_S) -> int:
         if signals > 1:
             print("llm-fleet: killing serve run and everything it started", flush=True)
             kill_tree(process.pid)
-        elif grace_s > 0:
+        else:
             args = (process, folder, grace_s)
             threading.Thread(target=drain_then_stop, args=args, daemon=True).start()
-        else:
-            _stop_serve(process)
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)

@@ -294,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="on Ctrl-C or SIGTERM, refuse new requests and give those in flight this long "
-        "before stopping (0: stop at once; default 30)",
+        "before stopping (0: end them at once with an error; default 30)",
     )
     serve.set_defaults(handler=_serve)
     return parser
