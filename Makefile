@@ -23,7 +23,7 @@ VLLM026_STAMP := $(VLLM026_VENV)/.installed
 # The engine contract on the fake and the real engine, and the API smoke tests.
 VLLM026_TESTS := tests/contract tests/serve/test_contract_real.py tests/serve/test_api.py
 
-.PHONY: install models serve test test-unit wheel-check test-vllm026 gpu-kit gpu-rehearsal lint bench clean \
+.PHONY: install models serve test test-unit wheel-check drain-check test-vllm026 gpu-kit gpu-rehearsal lint bench clean \
 	prometheus
 
 install: $(STAMP) $(MIRROR_STAMP)
@@ -59,6 +59,11 @@ test: models $(MIRROR_STAMP) prometheus
 # The wheel alone, in a fresh venv beside the CPU stack, serves a chat via serve run.
 wheel-check: models
 	bash infra/wheel_check.sh
+
+# llm-fleet serve's drain end to end (its own local cluster: run it with none other).
+drain-check: models
+	$(BIN)/python infra/drain_check.py --grace-s 10 --tokens 60
+	$(BIN)/python infra/drain_check.py --grace-s 0 --tokens 200
 
 test-unit: $(STAMP) prometheus
 	$(BIN)/python -m pytest tests/unit tests/contract
