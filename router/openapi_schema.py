@@ -39,58 +39,60 @@ _CONTENT_PART: dict[str, Any] = {
     "required": ["type"],
 }
 
-CHAT_REQUEST: dict[str, Any] = {
+_MESSAGE: dict[str, Any] = {
     "type": "object",
-    "required": ["model", "messages"],
+    "required": ["role"],
     "properties": {
-        "model": {"type": "string", "description": "a model id from GET /v1/models"},
-        "messages": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["role"],
-                "properties": {
-                    "role": {
-                        "enum": ["system", "developer", "user", "assistant", "tool", "function"]
-                    },
-                    "content": {
-                        "anyOf": [
-                            {"type": "string"},
-                            {"type": "array", "items": _CONTENT_PART},
-                            {"type": "null"},
-                        ]
-                    },
-                    "name": {"type": "string"},
-                },
-            },
-        },
-        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
-        "logprobs": {"type": ["boolean", "null"]},
-        "top_logprobs": {"type": ["integer", "null"], "minimum": 0},
-        **_SAMPLING,
-    },
-    "additionalProperties": True,
-}
-
-COMPLETION_REQUEST: dict[str, Any] = {
-    "type": "object",
-    "required": ["model", "prompt"],
-    "properties": {
-        "model": {"type": "string", "description": "a model id from GET /v1/models"},
-        "prompt": {
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool", "function"]},
+        "content": {
             "anyOf": [
                 {"type": "string"},
-                {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                {"type": "array", "items": _CONTENT_PART},
+                {"type": "null"},
             ]
         },
-        "echo": {"type": ["boolean", "null"]},
-        "logprobs": {"type": ["integer", "null"], "minimum": 0},
-        **_SAMPLING,
+        "name": {"type": "string"},
     },
-    "additionalProperties": True,
 }
+
+_PROMPT: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+    ]
+}
+
+
+def _request(field: str, schema: dict[str, Any], **own: dict[str, Any]) -> dict[str, Any]:
+    """A request body: ``model`` and ``field`` required, the route's ``own`` fields and
+    the shared sampling ones; any other field is allowed (vLLM validates it)."""
+    return {
+        "type": "object",
+        "required": ["model", field],
+        "properties": {
+            "model": {"type": "string", "description": "a model id from GET /v1/models"},
+            field: schema,
+            **own,
+            **_SAMPLING,
+        },
+        "additionalProperties": True,
+    }
+
+
+CHAT_REQUEST = _request(
+    "messages",
+    {"type": "array", "minItems": 1, "items": _MESSAGE},
+    max_completion_tokens={"type": ["integer", "null"], "minimum": 1},
+    logprobs={"type": ["boolean", "null"]},
+    top_logprobs={"type": ["integer", "null"], "minimum": 0},
+)
+COMPLETION_REQUEST = _request(
+    "prompt",
+    _PROMPT,
+    echo={"type": ["boolean", "null"]},
+    logprobs={"type": ["integer", "null"], "minimum": 0},
+)
 
 ERROR_BODY: dict[str, Any] = {
     "type": "object",
