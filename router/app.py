@@ -28,7 +28,7 @@ from llm_fleet.router.drain import Drain
 from llm_fleet.router.errors import error_response
 from llm_fleet.router.health import add_health_routes
 from llm_fleet.router.metrics import NoMetrics, RouterMetrics
-from llm_fleet.router.middleware import BodyChunks, HeaderLimit
+from llm_fleet.router.middleware import HeaderLimit
 from llm_fleet.router.model_client import ModelClient
 from llm_fleet.router.model_status import AlwaysReady, ModelStatusSource
 from llm_fleet.router.pipeline import Pipeline
@@ -84,7 +84,6 @@ def create_app(
     app.include_router(inference_routes(pipeline))
 
     app.add_middleware(HeaderLimit, max_bytes=config.router.max_header_bytes)
-    app.add_middleware(BodyChunks)
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     if config.router.cors_allowed_origins:
         app.add_middleware(

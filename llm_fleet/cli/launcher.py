@@ -22,11 +22,14 @@ Ray's token auth, on by default for local clusters, is left on; with
 It also sets the one cluster-wide Ray Serve setting the gateway is measured faster
 with (``SERVING_ENV``; README, Performance), only where the caller has not set it:
 ``RAY_SERVE_PROXY_USE_GRPC=1``, the Serve proxy reaching the router over Serve's gRPC
-channel (items by value) instead of Ray actor calls. The other levers measured (workers
+channel (items by value) instead of Ray actor calls, with that channel's receive limit
+raised from gRPC's 4 MiB to 256 MiB (``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``: the
+proxy gets a replica's ASGI messages in batches, and a larger one was a bare-text 500).
+The other levers measured (workers
 at nice 0, same-loop replicas, HAProxy, ``RAY_SERVE_THROUGHPUT_OPTIMIZED``) stay at
 Ray's defaults; the README says why for each.
 
-A cluster started some other way (KubeRay, ``ray start``) needs the same variable in
+A cluster started some other way (KubeRay, ``ray start``) needs the same variables in
 its nodes' environment (``infra/kuberay/rayservice.yaml`` sets it).
 
 Draining (``grace_s``, 30 s by default; ``llm-fleet serve --grace-s``): the launcher
@@ -64,7 +67,12 @@ DRAIN_ENV = "LLM_FLEET_DRAIN_DIR"
 DRAIN_SETTLE_S = 1.0
 DRAIN_POLL_S = 0.2
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-SERVING_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+SERVING_ENV = {
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+    # Over that channel the proxy receives a replica's ASGI messages in batches, refused
+    # over 4 MiB by default (a bare-text 500): a node's /metrics text was 4.6 MB.
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(256 << 20),
+}
 
 
 def _bin(name: str) -> str:

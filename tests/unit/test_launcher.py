@@ -88,6 +88,8 @@ def test_disabling_ray_token_auth_is_warned_about(capsys: pytest.CaptureFixture[
 def test_serving_settings_are_defaults_the_caller_can_override() -> None:
     env = launcher.local_cluster_env({})
     assert env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
+    # Answers of more than gRPC's default 4 MiB through that channel (a node's /metrics).
+    assert int(env["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) >= 64 << 20
     # Measured and left at Ray's defaults (README, Performance): workers below Ray's
     # daemons, user code in its own thread.
     assert "RAY_worker_niceness" not in env
