@@ -43,5 +43,10 @@ def test_no_generated_request_gets_a_server_error(fuzz_url: str) -> None:
     with httpx.Client(timeout=30) as http:
         seen = fuzz(schema, sender(http, fuzz_url), model=MODEL, max_examples=MAX_EXAMPLES)
     print(f"statuses per operation: {seen}")
+    # The largest answer: a node's Prometheus text (past 4 MiB late in a test run, which
+    # Serve's gRPC proxy channel refused before the launcher raised its limit).
+    metrics = httpx.get(f"{fuzz_url}/metrics", timeout=30)
+    print(f"/metrics: {metrics.status_code}, {len(metrics.content) / 2**20:.1f} MiB")
+    assert metrics.status_code == 200, metrics.text[:200]
     chat = seen["POST /v1/chat/completions"]
     assert chat.get(200, 0) > 0 and chat.get(400, 0) > 0, seen  # both kinds were sent
