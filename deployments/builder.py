@@ -164,6 +164,31 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
     return options
 
 
+# How many requests a direct model's replica may be refusing at once, beyond those it
+# runs and queues, and how many more Serve's proxy may hold while it places a burst
+# (``direct_deployment_options``).
+DIRECT_REFUSAL_HEADROOM = 1024
+
+
+def direct_deployment_options(model: ModelConfig) -> dict[str, Any]:
+    """A ``direct: true`` model's Serve options.
+
+    Its replicas are their app's HTTP ingress, so a request Serve refuses gets the
+    proxy's plain-text 503, and Serve refuses any request that arrives while
+    ``max_queued_requests`` others still wait to be placed (a burst, placed in
+    milliseconds, counts). So Serve gets ``DIRECT_REFUSAL_HEADROOM`` more of both
+    limits, and the replica's own bound (``ReplicaQueue``: run ``max_ongoing_requests``,
+    queue ``max_queued_requests``) refuses the surplus at once with the OpenAI-shaped
+    503 the router would send. While the model has no replica up (a restart, a scale
+    from zero), up to that many requests wait at the proxy for one, bounded by
+    ``http_options.request_timeout_s``; past that, Serve's own 503 remains."""
+    options = deployment_options(model)
+    bound = model.max_ongoing_requests + model.max_queued_requests
+    options["max_ongoing_requests"] = bound + DIRECT_REFUSAL_HEADROOM
+    options["max_queued_requests"] = model.max_queued_requests + DIRECT_REFUSAL_HEADROOM
+    return options
+
+
 def direct_app_name(fleet_app: str, model_id: str) -> str:
     """The Serve application that holds a ``direct: true`` model's replicas."""
     return f"{fleet_app}.{model_id}"

@@ -91,6 +91,41 @@ def bind_engine_cores(
     return placement
 
 
+class ReplicaQueue:
+    """A replica's own bound: ``slots`` requests in the engine at once, ``waiting`` more
+    waiting their turn in arrival order, and past that a refusal at once.
+
+    Behind the router Serve never sends a replica more than ``max_ongoing_requests``,
+    so this never waits there. A direct model's replica is its app's HTTP ingress, and
+    Serve's proxy answers its own plain-text 503 when its queue is full; so Serve may
+    send that replica more (``direct_deployment_options`` in ``deployments/builder.py``)
+    and this bound answers the surplus with the OpenAI-shaped 503 the router would.
+    """
+
+    def __init__(self, slots: int, waiting: int):
+        self._slots = asyncio.Semaphore(slots)
+        self._waiting = 0
+        self._max_waiting = waiting
+
+    async def enter(self) -> bool:
+        """True once the request holds an engine slot (``leave`` gives it back); False:
+        refused, nothing held."""
+        if self._slots.locked():
+            if self._waiting >= self._max_waiting:
+                return False
+            self._waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+        else:
+            await self._slots.acquire()
+        return True
+
+    def leave(self) -> None:
+        self._slots.release()
+
+
 def _node_id() -> str | None:
     import ray
 
@@ -120,6 +155,7 @@ class ModelDeployment:
         self._engine: LLMEngine | None = None
         self._engine_died: str | None = None  # why, once the engine is dead
         self._callers = CallerWatch()
+        self._queue = ReplicaQueue(model.max_ongoing_requests, model.max_queued_requests)
         self._phase = _phase_reporter()
         try:
             self._report("downloading" if model.source.startswith(_REMOTE_SCHEMES) else "loading")
@@ -150,14 +186,18 @@ class ModelDeployment:
         if self._engine_died is not None:
             yield self._dead_reply()
             return
+        if not await self._queue.enter():
+            yield self._full_reply()
+            return
         started = time.perf_counter()
         answered = False
         caller = request.caller
-        untrack = self._callers.track(caller) if caller is not None else None
-        stream = self._engine.generate(request.route, request.body, request.request_id)
-        if self._coalesce:
-            stream = coalesce_frames(stream)
+        untrack = None
         try:
+            untrack = self._callers.track(caller) if caller is not None else None
+            stream = self._engine.generate(request.route, request.body, request.request_id)
+            if self._coalesce:
+                stream = coalesce_frames(stream)
             # Closed here, not whenever it is collected: closing aborts the generation.
             async with contextlib.aclosing(stream):
                 async for item in stream:
@@ -172,8 +212,13 @@ class ModelDeployment:
                 raise  # mid-stream: the router ends the stream with an error frame
             yield self._dead_reply()
         finally:
+            self._queue.leave()
             if untrack is not None:
                 untrack()
+
+    def _full_reply(self) -> Reply:
+        message = f"Model '{self._model.id}' is at capacity; retry shortly."
+        return error_reply(503, message, error_type="service_unavailable")
 
     def _dead_reply(self) -> Reply:
         message = f"model {self._model.id!r}: its engine stopped; a new replica is starting"

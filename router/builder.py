@@ -18,7 +18,7 @@ from ray.serve import Application
 
 from llm_fleet.deployments.builder import (
     build_model_apps,
-    deployment_options,
+    direct_deployment_options,
     direct_model_config,
     load_config,
 )
@@ -74,5 +74,5 @@ def build_direct(
     if model is None:  # LLM_ALLOWED_MODELS left it out: every model is a 404 here
         left_out = serve.deployment(name=LEFT_OUT_DEPLOYMENT, ray_actor_options={"num_cpus": 0})
         return left_out(LeftOutIngress).bind(config)
-    deployment = serve.deployment(**deployment_options(model))(DirectModelIngress)
+    deployment = serve.deployment(**direct_deployment_options(model))(DirectModelIngress)
     return deployment.bind(config, model_id, engine_factory)

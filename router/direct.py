@@ -18,8 +18,9 @@ What differs from the router's door, by design:
   ``/health/*`` describe the replica that answers; the fleet's view is the router's;
 - no ``/metrics`` (scrape the router's); requests are counted in the same router
   metrics, and logged with the same access line;
-- overload: past ``max_queued_requests`` Serve's proxy answers its own 503 (plain
-  text), where the router answers an OpenAI-shaped one.
+- overload: the replica bounds its own queue (``ReplicaQueue``) and refuses the
+  surplus with the router's OpenAI-shaped 503, since Serve's proxy, past its own queue,
+  would answer plain text (``direct_deployment_options`` gives Serve the headroom).
 """
 
 from __future__ import annotations

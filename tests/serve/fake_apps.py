@@ -20,9 +20,10 @@ from typing import Any
 import httpx
 from ray.serve import Application
 
-from llm_fleet.deployments.builder import load_config
+from llm_fleet.deployments.builder import direct_app_name, load_config
 from llm_fleet.deployments.config import ModelConfig
 from llm_fleet.deployments.engine import EngineInfo
+from llm_fleet.router.builder import build_direct
 from llm_fleet.router.builder import build_fleet as build_real_fleet
 from tests.fake_engine import FakeEngine
 
@@ -79,12 +80,23 @@ def wait_ready(url: str, timeout_s: float) -> None:
 @contextlib.contextmanager
 def deployed(base_url: str, app: str, args: Mapping[str, Any], timeout_s: float) -> Iterator[str]:
     """The fake fleet of ``args`` as Serve app ``app`` on the shared cluster, at
-    ``/<app>`` under ``base_url``, once ready; deleted afterwards."""
+    ``/<app>`` under ``base_url``, once ready; deleted afterwards. A ``direct: true``
+    model's own app comes first (``<app>.<id>``, its door at ``/<app>/m/<id>/v1``)."""
     from ray import serve
 
-    serve.run(build_fake_fleet(args), name=app, route_prefix=f"/{app}")
+    config = load_config(args, os.environ)
+    direct = [direct_app_name(app, m.id) for m in config.models if m.direct]
     try:
+        for model in config.models:
+            if model.direct:
+                serve.run(
+                    build_direct(config, model.id, slow_fake_engine),
+                    name=direct_app_name(app, model.id),
+                    route_prefix=f"/{app}/m/{model.id}",
+                )
+        serve.run(build_real_fleet(config, slow_fake_engine), name=app, route_prefix=f"/{app}")
         wait_ready(f"{base_url}/{app}", timeout_s)
         yield f"{base_url}/{app}"
     finally:
-        serve.delete(app)
+        for name in [app, *direct]:
+            serve.delete(name)

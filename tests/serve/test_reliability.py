@@ -31,6 +31,8 @@ APP = "reliability"
 MODEL = "slow-model"
 # Room for a storm of streams (one replica takes 64), and no start delay.
 ROOMY_MODEL = "roomy-model"
+# The same small queue behind its own door (/m/<id>/v1, the replica is the ingress).
+DIRECT_MODEL = "direct-model"
 MAX_ONGOING = 2
 MAX_QUEUED = 4
 START_DELAY_S = 20.0
@@ -51,7 +53,14 @@ def app_url(fleet: Fleet, ray_driver: None) -> Iterator[str]:
         unavailable={"retry_after_s": 7},
     )
     roomy = fake_model(ROOMY_MODEL, engine_args={"token_delay_s": TOKEN_DELAY_S})
-    args = {"router": ONE_ROUTER, "models": [slow, roomy]}
+    direct = fake_model(
+        DIRECT_MODEL,
+        engine_args={"token_delay_s": TOKEN_DELAY_S},
+        max_ongoing_requests=MAX_ONGOING,
+        max_queued_requests=MAX_QUEUED,
+        direct=True,
+    )
+    args = {"router": ONE_ROUTER, "models": [slow, roomy, direct]}
     with deployed(fleet.base_url, APP, args, START_DELAY_S + 60) as url:
         yield url
 
@@ -85,19 +94,18 @@ async def _ask(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> htt
     return response
 
 
-def test_overload_answers_200_or_an_openai_503_with_retry_after(app_url: str) -> None:
-    """120 requests at once to a model that takes 2 and queues 4: the rest are refused
-    at once, each refusal an OpenAI-shaped 503 with Retry-After; nothing else."""
+def _storm(url: str, model: str, size: int = 120) -> dict[int, int]:
+    """``size`` requests at once (half streamed) to ``model`` at ``url``: every answer a
+    whole 200 or an OpenAI-shaped 503 with Retry-After. Counts by status."""
 
     async def storm() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=200)
+        limits = httpx.Limits(max_connections=size + 10)
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-            bodies = [_body(20, stream=i % 2 == 0) for i in range(120)]
-            return await asyncio.gather(*(_ask(client, app_url, b) for b in bodies))
+            bodies = [_body(20, stream=i % 2 == 0, model=model) for i in range(size)]
+            return await asyncio.gather(*(_ask(client, url, b) for b in bodies))
 
-    answers = asyncio.run(storm())
     by_status: dict[int, int] = {}
-    for response in answers:
+    for response in asyncio.run(storm()):
         by_status[response.status_code] = by_status.get(response.status_code, 0) + 1
         if response.status_code == 200:
             assert response.text.strip(), "an empty 200"
@@ -105,11 +113,29 @@ def test_overload_answers_200_or_an_openai_503_with_retry_after(app_url: str) ->
                 assert response.text.rstrip().endswith("data: [DONE]")
         else:
             _assert_openai_rejection(response, (429, 503))
-    print(f"120 at once, {MAX_ONGOING} ongoing + {MAX_QUEUED} queued: {by_status}")
+    print(f"{size} at once to {url}, {MAX_ONGOING} ongoing + {MAX_QUEUED} queued: {by_status}")
     assert by_status.get(200, 0) >= MAX_ONGOING, by_status
     assert by_status.get(503, 0) > 0, by_status
     # And nothing is left over: the next request is served.
-    assert httpx.post(f"{app_url}/v1/chat/completions", json=_body(2, stream=False)).is_success
+    after = httpx.post(f"{url}/v1/chat/completions", json=_body(2, stream=False, model=model))
+    assert after.is_success, after.text
+    return by_status
+
+
+def test_overload_answers_200_or_an_openai_503_with_retry_after(app_url: str) -> None:
+    """120 requests at once to a model that takes 2 and queues 4: the rest are refused
+    at once, each refusal an OpenAI-shaped 503 with Retry-After; nothing else."""
+    _storm(app_url, MODEL)
+
+
+def test_overload_on_a_direct_door_is_openai_shaped_too(app_url: str) -> None:
+    """The same storm at a direct model's own door, where Serve's proxy is the caller
+    and used to answer the surplus with its plain-text 503: the replica's own bound
+    (run 2, queue 4) now refuses it first, in the router's shape."""
+    by_status = _storm(f"{app_url}/m/{DIRECT_MODEL}", DIRECT_MODEL)
+    # The replica's bound, not Serve's queue: at most 2 run + 4 wait among the first
+    # wave, so most of the 120 are refused (the rest arrive as slots free).
+    assert by_status[503] >= 60, by_status
 
 
 def _model_replica() -> str:

@@ -8,8 +8,10 @@ from typing import Any
 import pytest
 
 from llm_fleet.deployments.builder import (
+    DIRECT_REFUSAL_HEADROOM,
     deployment_options,
     direct_app_name,
+    direct_deployment_options,
     direct_model_config,
     load_config,
 )
@@ -246,3 +248,18 @@ def test_fleet_app_of_a_direct_app() -> None:
     for wrong in ("alpha", "fleet-alpha", ".alpha"):
         with pytest.raises(ConfigError, match=r"name it '<fleet app>\.alpha'"):
             fleet_app_of(wrong, "alpha")
+
+
+def test_a_direct_models_replica_takes_more_than_it_runs_and_queues() -> None:
+    """Serve must hand a direct replica its surplus, which the replica refuses in the
+    OpenAI shape (``ReplicaQueue``), before Serve's proxy would answer plain text."""
+    config = ModelConfig.model_validate(
+        model("m1", max_ongoing_requests=7, max_queued_requests=9, direct=True)
+    )
+    options = direct_deployment_options(config)
+    assert options["max_ongoing_requests"] == 7 + 9 + DIRECT_REFUSAL_HEADROOM
+    assert options["max_queued_requests"] == 9 + DIRECT_REFUSAL_HEADROOM
+    limits = ("max_ongoing_requests", "max_queued_requests")
+    assert {k: v for k, v in options.items() if k not in limits} == {
+        k: v for k, v in deployment_options(config).items() if k not in limits
+    }
