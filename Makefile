@@ -53,8 +53,10 @@ prometheus:
 		apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 
+# Then, alone, the tests that start a local cluster of their own (llm-fleet serve's drain).
 test: models $(MIRROR_STAMP) prometheus
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m own_cluster tests/process
 
 # The wheel alone, in a fresh venv beside the CPU stack, serves a chat via serve run.
 wheel-check: models
