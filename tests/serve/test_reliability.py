@@ -265,3 +265,53 @@ def test_a_disconnect_storm_leaves_no_request_in_flight(app_url: str) -> None:
             break
         time.sleep(1)
     assert seen == (0.0, 40.0, 0), f"(in flight, disconnects counted, engine unfinished): {seen}"
+
+
+# --- the request timeout ----------------------------------------------------------------------
+
+TIMEOUT_APP = "reliability-timeout"
+TIMEOUT_S = 2.0
+
+
+def test_past_the_request_timeout_a_request_is_504_and_its_generation_stops(
+    fleet: Fleet, ray_driver: None
+) -> None:
+    """``router.request_timeout_s: 2``: a whole answer that would take 10 s is a 504
+    ``request_timeout`` after 2 s, a stream that would take 10 s ends after 2 s with
+    that error frame and ``[DONE]``, and the engine runs nothing afterwards (the
+    generation was aborted, as a client's leaving aborts it in vLLM:
+    ``test_api.py``'s disconnect tests)."""
+    from ray import serve
+
+    router = {**ONE_ROUTER, "request_timeout_s": TIMEOUT_S}
+    model = fake_model("t", engine_args={"token_delay_s": TOKEN_DELAY_S})
+    args = {"router": router, "models": [model]}
+    with deployed(fleet.base_url, TIMEOUT_APP, args, 120) as url:
+        started = time.monotonic()
+        whole = httpx.post(
+            f"{url}/v1/chat/completions", json=_body(200, stream=False, model="t"), timeout=30
+        )
+        took = time.monotonic() - started
+        assert whole.status_code == 504, whole.text
+        error = whole.json()["error"]
+        assert (error["type"], error["code"]) == ("timeout_error", "request_timeout"), error
+        assert error["request_id"] == whole.headers["x-request-id"]
+        assert TIMEOUT_S <= took < TIMEOUT_S + 3, took
+
+        started = time.monotonic()
+        stream = httpx.post(
+            f"{url}/v1/chat/completions", json=_body(200, stream=True, model="t"), timeout=30
+        )
+        took = time.monotonic() - started
+        assert stream.status_code == 200
+        frames = [f for f in stream.text.split("\n\n") if f.strip()]
+        assert frames[-1] == "data: [DONE]", frames[-3:]
+        assert json.loads(frames[-2].removeprefix("data: "))["error"]["code"] == "request_timeout"
+        assert len(frames) < 200, "cut short, not served whole"
+        assert TIMEOUT_S <= took < TIMEOUT_S + 3, took
+
+        engine = serve.get_deployment_handle("t", app_name=TIMEOUT_APP)
+        deadline = time.monotonic() + 10
+        while (running := engine.num_unfinished_requests.remote().result()) != 0:
+            assert time.monotonic() < deadline, f"{running} generations still running"
+            time.sleep(0.2)
