@@ -10,6 +10,8 @@ Environment overrides, read here and only here (replicas get objects, not env):
   that is not configured is a startup error.
 - ``LLM_DEFAULT_MAX_TOKENS`` / ``LLM_MAX_TOKENS_LIMIT``: override every model's
   ``limits.default_max_tokens`` / ``limits.max_tokens_limit``.
+- ``LLM_DEFAULT_TEMPERATURE`` / ``LLM_DEFAULT_TOP_P``: ``sampling.temperature`` /
+  ``sampling.top_p`` of every model that sets none itself (a model's own value wins).
 - ``CORS_ALLOWED_ORIGINS``: comma-separated origins; replaces ``router.cors_allowed_origins``.
 - ``LLM_FLEET_KEYS_FILE``: absolute path of the API keys file; replaces
   ``router.keys_file`` (the same variable is the ``llm-fleet keys`` default ``--file``).
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 ENV_ALLOWED_MODELS = "LLM_ALLOWED_MODELS"
 ENV_DEFAULT_MAX_TOKENS = "LLM_DEFAULT_MAX_TOKENS"
 ENV_MAX_TOKENS_LIMIT = "LLM_MAX_TOKENS_LIMIT"
+ENV_DEFAULT_TEMPERATURE = "LLM_DEFAULT_TEMPERATURE"
+ENV_DEFAULT_TOP_P = "LLM_DEFAULT_TOP_P"
 ENV_CORS_ALLOWED_ORIGINS = "CORS_ALLOWED_ORIGINS"
 ENV_KEYS_FILE = "LLM_FLEET_KEYS_FILE"
 ENV_DRAIN_DIR = "LLM_FLEET_DRAIN_DIR"
@@ -68,6 +72,16 @@ def _env_int(environ: Mapping[str, str], name: str) -> int | None:
     if value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {raw!r}")
     return value
+
+
+def _env_float(environ: Mapping[str, str], name: str) -> float | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
 
 def apply_allowlist(config: FleetConfig, allowed: str | None) -> FleetConfig:
@@ -109,6 +123,29 @@ def _apply_token_env(config: FleetConfig, environ: Mapping[str, str]) -> FleetCo
     return config.model_copy(update={"models": updated})
 
 
+def _apply_sampling_env(config: FleetConfig, environ: Mapping[str, str]) -> FleetConfig:
+    given = {
+        field: raw
+        for field, name in (("temperature", ENV_DEFAULT_TEMPERATURE), ("top_p", ENV_DEFAULT_TOP_P))
+        if (raw := _env_float(environ, name)) is not None
+    }
+    if not given:
+        return config
+    updated = []
+    for model in config.models:
+        values = model.sampling.model_dump()
+        values.update({k: v for k, v in given.items() if values[k] is None})
+        try:
+            sampling = type(model.sampling).model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{ENV_DEFAULT_TEMPERATURE}/{ENV_DEFAULT_TOP_P} for model {model.id!r}: "
+                + describe_validation_error(exc)
+            ) from None
+        updated.append(model.model_copy(update={"sampling": sampling}))
+    return config.model_copy(update={"models": updated})
+
+
 def load_config(args: Mapping[str, Any], environ: Mapping[str, str]) -> FleetConfig:
     """Validate ``args`` and apply the env overrides; the one place config is read."""
     try:
@@ -117,6 +154,7 @@ def load_config(args: Mapping[str, Any], environ: Mapping[str, str]) -> FleetCon
         raise ConfigError(describe_validation_error(exc, "args")) from None
     config = apply_allowlist(config, environ.get(ENV_ALLOWED_MODELS))
     config = _apply_token_env(config, environ)
+    config = _apply_sampling_env(config, environ)
     origins = environ.get(ENV_CORS_ALLOWED_ORIGINS)
     if origins is not None and origins.strip():
         router = config.router.model_copy(update={"cors_allowed_origins": _split(origins)})

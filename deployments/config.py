@@ -122,6 +122,27 @@ class RequestLimits(StrictModel):
         return self
 
 
+class SamplingDefaults(StrictModel):
+    """Sampling values a request gets when it sends none (every route, ``/v1`` and
+    ``/api``). Unset: vLLM's default, the model's own ``generation_config.json``.
+    ``LLM_DEFAULT_TEMPERATURE`` / ``LLM_DEFAULT_TOP_P`` fill these in for every model
+    that sets none; a model's own value wins."""
+
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="temperature when the request sends none."
+    )
+    top_p: float | None = Field(None, gt=0, le=1, description="top_p when the request sends none.")
+
+    def apply(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` with the unset fields filled (the same object when none is)."""
+        missing = {
+            name: value
+            for name, value in (("temperature", self.temperature), ("top_p", self.top_p))
+            if value is not None and body.get(name) is None
+        }
+        return {**body, **missing} if missing else body
+
+
 class UnavailablePolicy(StrictModel):
     """What a request gets while its model has no ready replica.
 
@@ -188,6 +209,10 @@ class ModelConfig(StrictModel):
     health_check_timeout_s: float = Field(
         30.0, gt=0, description="A health check slower than this marks the replica unhealthy."
     )
+    sampling: SamplingDefaults = Field(
+        default_factory=SamplingDefaults,
+        description="temperature / top_p for requests that send none.",
+    )
     unavailable: UnavailablePolicy = Field(
         default_factory=UnavailablePolicy,
         description="Requests while the model has no ready replica: reject (503) or queue.",
@@ -214,6 +239,12 @@ class ModelConfig(StrictModel):
         default_factory=dict,
         description="Extra environment for this model's replicas (not for secrets), "
         "e.g. VLLM_CPU_OMP_THREADS_BIND.",
+    )
+    generate_route: Literal["chat", "completions"] = Field(
+        "chat",
+        description="Where /api/generate sends a prompt: 'chat' as one user message through "
+        "the model's chat template (instruct models), 'completions' as a raw prompt "
+        "to continue (base models).",
     )
     direct: bool = Field(
         False,

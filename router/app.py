@@ -34,7 +34,13 @@ from llm_fleet.router.model_status import AlwaysReady, ModelStatusSource
 from llm_fleet.router.pipeline import Pipeline
 from llm_fleet.router.quota import LocalQuota, QuotaBackend
 from llm_fleet.router.request_id import RequestIdMiddleware, request_id_of
-from llm_fleet.router.routes import MetricsText, inference_routes, metrics_routes, model_routes
+from llm_fleet.router.routes import (
+    MetricsText,
+    inference_api_routes,
+    inference_routes,
+    metrics_routes,
+    model_routes,
+)
 
 __all__ = ["MetricsText", "create_app"]
 
@@ -82,6 +88,7 @@ def create_app(
     if metrics_text is not None and config.router.expose_metrics:
         app.include_router(metrics_routes(pipeline, metrics_text))
     app.include_router(inference_routes(pipeline))
+    app.include_router(inference_api_routes(pipeline))
 
     app.add_middleware(HeaderLimit, max_bytes=config.router.max_header_bytes)
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)

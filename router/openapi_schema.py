@@ -140,3 +140,9 @@ def inference_openapi(request_schema: dict[str, Any]) -> dict[str, Any]:
             **{status: {"description": why, **error} for status, why in _ERRORS.items()},
         },
     }
+
+
+# The LLM Inference API's bodies (router/inference_api.py): /api/chat takes the chat
+# request; /api/generate a prompt string. ``stream`` is the route's, never the body's.
+API_GENERATE_REQUEST = _request("prompt", {"type": "string"})
+API_CHAT_REQUEST = CHAT_REQUEST

@@ -44,6 +44,7 @@ from llm_fleet.router.auth import KeyRing, Principal
 from llm_fleet.router.drain import Drain
 from llm_fleet.router.errors import error_response
 from llm_fleet.router.guards import ClientDisconnected, Deadline, unless_disconnected
+from llm_fleet.router.inference_api import ApiShape
 from llm_fleet.router.metrics import RouterMetrics
 from llm_fleet.router.model_client import ModelClient
 from llm_fleet.router.model_status import ModelStatusSource
@@ -100,10 +101,11 @@ class Pipeline:
     def apply_request_limits(
         route: Route, body: dict[str, Any], model: ModelConfig, principal: Principal | None
     ) -> dict[str, Any]:
-        """The model's caps checked, and the body with its output budget settled."""
+        """The model's caps checked, and the body with its output budget settled and its
+        sampling defaults (``sampling``) filled in."""
         check_request_limits(route, body, model.limits)
         key_cap = principal.limits.max_tokens if principal is not None else None
-        return apply_token_limits(route, body, model.limits, key_cap)
+        return model.sampling.apply(apply_token_limits(route, body, model.limits, key_cap))
 
     def finisher(self, hold: QuotaHold) -> Finish:
         """Finish a record once: metrics, the access line, and its key's quota released."""
@@ -119,11 +121,14 @@ class Pipeline:
 
         return finish
 
-    async def handle(self, route: Route, request: Request) -> Response:
+    async def handle(
+        self, route: Route, request: Request, shape: ApiShape | None = None
+    ) -> Response:
         """One request, start to end: the one place its record and key hold are closed
         out, on every way it can end (an answer, an error, the client leaving before the
         answer or Serve cancelling the task), except a stream handed to its relay, which
-        closes itself out when it ends (``router/relay.py``)."""
+        closes itself out when it ends (``router/relay.py``). ``shape``: an ``/api``
+        endpoint's bodies (``router/inference_api.py``); the route is then its choice."""
         record = RequestRecord(request_id=request_id_of(request.scope), endpoint=route)
         hold = QuotaHold(self.quota, None)
         finish = self.finisher(hold)
@@ -133,7 +138,7 @@ class Pipeline:
             self.drain.refuse_if_draining()
             hold.principal = self.authenticate(request)
             record.key = hold.principal.id if hold.principal is not None else None
-            response, handed_to_relay = await self.run(route, request, record, hold, finish)
+            response, handed_to_relay = await self.run(route, request, record, hold, finish, shape)
             if not handed_to_relay:
                 record.status = response.status_code
             return response
@@ -160,13 +165,22 @@ class Pipeline:
                 await uninterrupted(finish(record))
 
     async def run(
-        self, route: Route, request: Request, record: RequestRecord, hold: QuotaHold, finish: Finish
+        self,
+        route: Route,
+        request: Request,
+        record: RequestRecord,
+        hold: QuotaHold,
+        finish: Finish,
+        shape: ApiShape | None = None,
     ) -> tuple[Response, bool]:
         """Steps 2 to 8 (the module docstring). Returns the response, and whether it is a
         stream that finishes its own record when it ends."""
         deadline = Deadline(self.config.router.request_timeout_s)
         self.drain.track(deadline)
         body = await read_json(request, self.config.router.max_request_bytes)
+        if shape is not None:
+            route, body = shape.openai_request(body, self.models)
+            record.endpoint = route
         parsed = parse_request(route, body)
         model = self.resolve_model(hold.principal, parsed.model)
         record.model, record.stream = model.id, bool(parsed.stream)
@@ -176,8 +190,8 @@ class Pipeline:
         body, drop_usage = ask_for_usage(body)
         stream, first = await self.forward(request, route, model, body, record, deadline)
         if isinstance(first, Reply):
-            return await self.whole_answer(first, stream, record), False
-        tap = UsageTap(drop_usage)
+            return await self.whole_answer(first, stream, record, shape), False
+        tap = shape.tap() if shape is not None else UsageTap(drop_usage)
         return stream_response(first, stream, record, tap, finish, deadline), True
 
     async def forward(
@@ -206,7 +220,10 @@ class Pipeline:
 
     @staticmethod
     async def whole_answer(
-        reply: Reply, stream: AsyncIterator[str | Reply], record: RequestRecord
+        reply: Reply,
+        stream: AsyncIterator[str | Reply],
+        record: RequestRecord,
+        shape: ApiShape | None = None,
     ) -> Response:
         """A non-streamed answer as JSON; an engine error as the matching APIError."""
         await stream.aclose()  # type: ignore[attr-defined]
@@ -215,4 +232,5 @@ class Pipeline:
             raise api_error_from_engine(reply.error)
         record.usage(reply.body.get("usage"))
         headers = {"Server-Timing": record.server_timing()}
-        return JSONResponse(reply.body, status_code=reply.status, headers=headers)
+        body = shape.answer(reply.body) if shape is not None else reply.body
+        return JSONResponse(body, status_code=reply.status, headers=headers)

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from llm_fleet.router.api_errors import ModelNotFoundError
+from llm_fleet.router.inference_api import API_SHAPES, ApiShape, llm_list
 from llm_fleet.router.openapi_schema import CHAT_REQUEST, COMPLETION_REQUEST, inference_openapi
 from llm_fleet.router.pipeline import Pipeline
 
@@ -32,6 +33,28 @@ def inference_routes(pipeline: Pipeline) -> APIRouter:
     @routes.post("/v1/completions", openapi_extra=inference_openapi(COMPLETION_REQUEST))
     async def completions(request: Request) -> Response:
         return await pipeline.handle("completions", request)
+
+    return routes
+
+
+def inference_api_routes(pipeline: Pipeline) -> APIRouter:
+    """The LLM Inference API's ``POST /api/generate``, ``/api/chat`` (each also
+    ``/stream``) on the same pipeline, and ``GET /api/llms`` (``router/inference_api.py``)."""
+    routes = APIRouter()
+
+    def endpoint(shape: ApiShape) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            return await pipeline.handle(shape.route, request, shape)
+
+        return handle
+
+    for path, shape in API_SHAPES.items():
+        routes.add_api_route(path, endpoint(shape), methods=["POST"], openapi_extra=shape.openapi())
+
+    @routes.get("/api/llms")
+    async def list_llms(request: Request) -> dict[str, Any]:
+        shown = pipeline.visible(pipeline.authenticate(request))
+        return llm_list(shown, pipeline.source.snapshot())
 
     return routes
 

@@ -92,6 +92,7 @@ class FakeEngine:
         self.max_model_len = max_model_len
         self.token_delay_s = token_delay_s
         self._unfinished = 0
+        self.bodies: list[dict[str, Any]] = []  # every request body it got, in order
         self._started = False
         self._dead = False
 
@@ -157,6 +158,7 @@ class FakeEngine:
     ) -> AsyncGenerator[str | Reply, None]:
         if self._dead:
             raise EngineDeadError(f"fake engine of {self.model_id} died")
+        self.bodies.append(body)
         plan = self._plan(route, body)
         if isinstance(plan, Reply):
             yield plan

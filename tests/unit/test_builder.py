@@ -263,3 +263,31 @@ def test_a_direct_models_replica_takes_more_than_it_runs_and_queues() -> None:
     assert {k: v for k, v in options.items() if k not in limits} == {
         k: v for k, v in deployment_options(config).items() if k not in limits
     }
+
+
+def test_sampling_defaults_from_the_env_fill_models_that_set_none() -> None:
+    args = {
+        "models": [model("own", sampling={"temperature": 0.2}), model("plain")],
+    }
+    environ = {"LLM_DEFAULT_TEMPERATURE": "0.7", "LLM_DEFAULT_TOP_P": " 0.9 "}
+    config = load_config(args, environ)
+    sampling = {m.id: (m.sampling.temperature, m.sampling.top_p) for m in config.models}
+    assert sampling == {"own": (0.2, 0.9), "plain": (0.7, 0.9)}
+    unset = load_config(args, {})
+    assert [(m.sampling.temperature, m.sampling.top_p) for m in unset.models] == [
+        (0.2, None),
+        (None, None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"LLM_DEFAULT_TEMPERATURE": "warm"}, "LLM_DEFAULT_TEMPERATURE must be a number"),
+        ({"LLM_DEFAULT_TEMPERATURE": "3"}, "LLM_DEFAULT_TEMPERATURE/LLM_DEFAULT_TOP_P"),
+        ({"LLM_DEFAULT_TOP_P": "0"}, "top_p"),
+    ],
+)
+def test_bad_sampling_defaults_are_startup_errors(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(ARGS, environ)

@@ -86,6 +86,9 @@ ROUTES: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "chat": ("POST", CHAT_PATH, chat()),
     "completions": ("POST", COMPLETIONS_PATH, {"model": COMPLETIONS_MODEL, "prompt": "one two"}),
     "metrics": ("GET", "/metrics", None),
+    "api generate": ("POST", "/api/generate", {"model": CHAT_MODEL, "prompt": "one two"}),
+    "api chat stream": ("POST", "/api/chat/stream", chat()),
+    "api llms": ("GET", "/api/llms", None),
     "live": ("GET", "/health/live", None),
     "ready": ("GET", "/health/ready", None),
 }
@@ -143,12 +146,14 @@ def test_every_route_and_auth_case(http: TestClient, keys: Keys, route: str, cas
         assert_401(response)
         return
     if case == "wrong model":
-        if route in ("model", "chat", "completions"):
+        if route in ("model", "chat", "completions", "api generate", "api chat stream"):
             model = CHAT_MODEL if route != "completions" else COMPLETIONS_MODEL
             error = openai_error(response, 404, "model_not_found")
             assert {k: error[k] for k in ("message", "type", "param")} == model_not_found(model)
         elif route == "models":
             assert response.status_code == 200 and response.json()["data"] == []
+        elif route == "api llms":
+            assert response.status_code == 200 and response.json()["models"] == []
         else:
             assert (response.status_code, response.text) == (200, METRICS_TEXT)
         return
@@ -159,6 +164,11 @@ def test_every_route_and_auth_case(http: TestClient, keys: Keys, route: str, cas
         assert response.json()["id"] == CHAT_MODEL
     elif route == "metrics":
         assert response.text == METRICS_TEXT
+    elif route == "api llms":
+        assert {m["id"] for m in response.json()["models"]} == {CHAT_MODEL, COMPLETIONS_MODEL}
+    elif route == "api chat stream":
+        assert response.text.rstrip().endswith("data: [DONE]")
+        assert '"done":true' in response.text
     else:
         assert response.json()["usage"]["completion_tokens"] > 0
 
