@@ -12,6 +12,7 @@ Environment overrides, read here and only here (replicas get objects, not env):
   ``limits.default_max_tokens`` / ``limits.max_tokens_limit``.
 - ``LLM_DEFAULT_TEMPERATURE`` / ``LLM_DEFAULT_TOP_P``: ``sampling.temperature`` /
   ``sampling.top_p`` of every model that sets none itself (a model's own value wins).
+- ``LLM_MAX_CONCURRENT_REQUESTS``: replaces ``router.max_concurrent_requests``.
 - ``CORS_ALLOWED_ORIGINS``: comma-separated origins; replaces ``router.cors_allowed_origins``.
 - ``LLM_FLEET_KEYS_FILE``: absolute path of the API keys file; replaces
   ``router.keys_file`` (the same variable is the ``llm-fleet keys`` default ``--file``).
@@ -39,6 +40,7 @@ ENV_DEFAULT_MAX_TOKENS = "LLM_DEFAULT_MAX_TOKENS"
 ENV_MAX_TOKENS_LIMIT = "LLM_MAX_TOKENS_LIMIT"
 ENV_DEFAULT_TEMPERATURE = "LLM_DEFAULT_TEMPERATURE"
 ENV_DEFAULT_TOP_P = "LLM_DEFAULT_TOP_P"
+ENV_MAX_CONCURRENT_REQUESTS = "LLM_MAX_CONCURRENT_REQUESTS"
 ENV_CORS_ALLOWED_ORIGINS = "CORS_ALLOWED_ORIGINS"
 ENV_KEYS_FILE = "LLM_FLEET_KEYS_FILE"
 ENV_DRAIN_DIR = "LLM_FLEET_DRAIN_DIR"
@@ -155,6 +157,10 @@ def load_config(args: Mapping[str, Any], environ: Mapping[str, str]) -> FleetCon
     config = apply_allowlist(config, environ.get(ENV_ALLOWED_MODELS))
     config = _apply_token_env(config, environ)
     config = _apply_sampling_env(config, environ)
+    cap = _env_int(environ, ENV_MAX_CONCURRENT_REQUESTS)
+    if cap is not None:
+        router = config.router.model_copy(update={"max_concurrent_requests": cap})
+        config = config.model_copy(update={"router": router})
     origins = environ.get(ENV_CORS_ALLOWED_ORIGINS)
     if origins is not None and origins.strip():
         router = config.router.model_copy(update={"cors_allowed_origins": _split(origins)})

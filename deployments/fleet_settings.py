@@ -127,6 +127,14 @@ class RouterConfig(StrictModel):
         "whole answer is 504 request_timeout and a stream ends with that error frame, and "
         "the generation is aborted. null: no limit (max_tokens still bounds a generation).",
     )
+    max_concurrent_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Inference requests in flight across the whole gateway (every router "
+        "replica and direct door, counted in the app's limits actor); past it a request gets "
+        "429 gateway_busy with Retry-After: 1. null: no gateway-wide cap. "
+        "LLM_MAX_CONCURRENT_REQUESTS overrides it.",
+    )
     status_poll_interval_s: float = Field(
         1.0,
         gt=0,

@@ -12,6 +12,7 @@
     ├── RequestTooLargeError         413 a body over router.max_request_bytes
     ├── UnsupportedMediaTypeError    415 a body that is not declared as JSON
     ├── QuotaExceededError           429 the key's rpm, tpm or concurrency limit is reached
+    ├── GatewayBusyError             429 router.max_concurrent_requests in flight gateway-wide
     ├── HeadersTooLargeError         431 request headers over router.max_header_bytes
     ├── InternalServerError          500; its message never reaches the client
     ├── ServiceUnavailableError      503 no replica can take the request now
@@ -155,6 +156,22 @@ class QuotaExceededError(APIError):
             retry_after_s=retry_after_s,
         )
         self.limit = limit
+
+
+class GatewayBusyError(APIError):
+    """The whole gateway has ``router.max_concurrent_requests`` requests in flight."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "gateway_busy"
+    rejection = "overload"
+
+    def __init__(self, limit: int):
+        super().__init__(
+            f"The gateway is at its limit of {limit} concurrent requests "
+            "(LLM_MAX_CONCURRENT_REQUESTS); retry in 1 s.",
+            retry_after_s=1,
+        )
 
 
 class ServiceUnavailableError(APIError):

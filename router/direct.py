@@ -124,7 +124,7 @@ class DirectModelIngress(ModelDeployment):
         me = serve.get_replica_context().replica_id.to_full_id_str()
         self._quota = (
             SharedQuota(fleet_app, lease_s=config.router.quota_lease_s, holder=me)
-            if self._keys is not None
+            if self._keys is not None or config.router.max_concurrent_requests is not None
             else None
         )
         scaling = model.autoscaling

@@ -70,7 +70,7 @@ class RouterIngress:
                 lease_s=config.router.quota_lease_s,
                 holder=me,
             )
-            if self._keys is not None
+            if self._keys is not None or config.router.max_concurrent_requests is not None
             else None
         )
         self._drain = Drain(config.router.drain_dir)

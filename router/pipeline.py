@@ -4,6 +4,8 @@ engine's answer, as named steps in the order they run (:meth:`Pipeline.run`):
 0. ``drain.refuse_if_draining``: a gateway about to shut down takes no new request
    (``router/drain.py``), 503;
 1. ``authenticate``: the caller's API key (``router/auth.py``), or 401;
+   then ``gate.take``: a slot in the gateway-wide cap (``router.max_concurrent_requests``,
+   counted with the quotas), or 429 ``gateway_busy``;
 2. ``read_json`` and ``parse_request``: the body, size-capped, and the OpenAI fields the
    router checks (``router/protocol.py``), or 400/413/415;
 3. ``resolve_model``: the model, if the fleet serves it and the key may use it
@@ -49,7 +51,7 @@ from llm_fleet.router.metrics import RouterMetrics
 from llm_fleet.router.model_client import ModelClient
 from llm_fleet.router.model_status import ModelStatusSource
 from llm_fleet.router.protocol import parse_request, read_json
-from llm_fleet.router.quota import QuotaBackend, QuotaHold
+from llm_fleet.router.quota import GatewayHold, QuotaBackend, QuotaHold, gateway_principal
 from llm_fleet.router.readiness import await_readiness, watch_readiness
 from llm_fleet.router.relay import Finish, stream_response
 from llm_fleet.router.request_id import request_id_of
@@ -77,6 +79,7 @@ class Pipeline:
         self.models: dict[str, ModelConfig] = {m.id: m for m in config.models if m.id in clients}
         self.source, self.recorder, self.quota, self.keys = source, recorder, quota, keys
         self.drain = drain or Drain(None)
+        self.gateway = gateway_principal(config.router.max_concurrent_requests)
 
     def authenticate(self, request: Request) -> Principal | None:
         """The request's principal; with keys, none is a 401. Without keys: None."""
@@ -107,8 +110,9 @@ class Pipeline:
         key_cap = principal.limits.max_tokens if principal is not None else None
         return model.sampling.apply(apply_token_limits(route, body, model.limits, key_cap))
 
-    def finisher(self, hold: QuotaHold) -> Finish:
-        """Finish a record once: metrics, the access line, and its key's quota released."""
+    def finisher(self, hold: QuotaHold, gate: QuotaHold) -> Finish:
+        """Finish a record once: metrics, the access line, its key's quota and its slot in
+        the gateway-wide cap released."""
 
         async def finish(record: RequestRecord) -> None:
             if record.finished_at is not None:
@@ -118,6 +122,7 @@ class Pipeline:
             self.recorder.request_finished(record)
             log_request(record)
             await uninterrupted(hold.release(record.tokens_used))
+            await uninterrupted(gate.release(0))
 
         return finish
 
@@ -131,13 +136,15 @@ class Pipeline:
         endpoint's bodies (``router/inference_api.py``); the route is then its choice."""
         record = RequestRecord(request_id=request_id_of(request.scope), endpoint=route)
         hold = QuotaHold(self.quota, None)
-        finish = self.finisher(hold)
+        gate = GatewayHold(self.quota, self.gateway)
+        finish = self.finisher(hold, gate)
         handed_to_relay = False
         self.drain.started()
         try:
             self.drain.refuse_if_draining()
             hold.principal = self.authenticate(request)
             record.key = hold.principal.id if hold.principal is not None else None
+            await gate.take()
             response, handed_to_relay = await self.run(route, request, record, hold, finish, shape)
             if not handed_to_relay:
                 record.status = response.status_code

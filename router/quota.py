@@ -44,10 +44,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llm_fleet.router.accounting import in_background
-from llm_fleet.router.api_errors import QuotaExceededError, QuotaLimit
-from llm_fleet.router.auth import Principal
+from llm_fleet.router.api_errors import GatewayBusyError, QuotaExceededError, QuotaLimit
+from llm_fleet.router.auth import KeyLimits, Principal
 
 WINDOW_S = 60.0
+# The quota key of router.max_concurrent_requests: every request's second hold. No API
+# key id can take this form (router/keys_file.py: eight hex digits).
+GATEWAY_KEY_ID = "(gateway)"
 # The holder of every slot when one process counts for itself.
 LOCAL_HOLDER = "local"
 logger = logging.getLogger(__name__)
@@ -277,3 +280,24 @@ class QuotaHold:
         except Exception:
             # The answer is already out; a lost release only costs the key some headroom.
             logger.exception("releasing the quota of key %s failed", self.principal.id)
+
+
+def gateway_principal(limit: int | None) -> Principal | None:
+    """The pseudo-key that counts every request for ``router.max_concurrent_requests``
+    in the same backend as the keys' quotas (one count for all router replicas)."""
+    if limit is None:
+        return None
+    return Principal(
+        name="gateway", id=GATEWAY_KEY_ID, models=None, limits=KeyLimits(concurrency=limit)
+    )
+
+
+class GatewayHold(QuotaHold):
+    """A request's slot in the gateway-wide cap; a refusal is 429 ``gateway_busy``."""
+
+    async def take(self, est_tokens: int = 0) -> None:
+        try:
+            await super().take(0)
+        except QuotaExceededError:
+            assert self.principal is not None
+            raise GatewayBusyError(self.principal.limits.concurrency or 0) from None

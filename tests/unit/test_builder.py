@@ -291,3 +291,11 @@ def test_sampling_defaults_from_the_env_fill_models_that_set_none() -> None:
 def test_bad_sampling_defaults_are_startup_errors(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(ARGS, environ)
+
+
+def test_llm_max_concurrent_requests_sets_the_gateway_wide_cap() -> None:
+    assert load_config(ARGS, {}).router.max_concurrent_requests is None
+    config = load_config(ARGS, {"LLM_MAX_CONCURRENT_REQUESTS": "10"})
+    assert config.router.max_concurrent_requests == 10
+    with pytest.raises(ConfigError, match="LLM_MAX_CONCURRENT_REQUESTS must be a positive"):
+        load_config(ARGS, {"LLM_MAX_CONCURRENT_REQUESTS": "0"})

@@ -18,6 +18,7 @@ from llm_fleet.router.keys_file import create_key
 from llm_fleet.router.quota import LOCAL_HOLDER, Admission, LocalQuota
 from tests.fake_time import FakeTime
 from tests.fakes import (
+    CHAT_MODEL,
     COMPLETIONS_MODEL,
     FakeStatusSource,
     Fleet,
@@ -552,3 +553,41 @@ def test_shared_quota_a_lost_release_is_corrected_by_the_next_renewal() -> None:
         return seen
 
     assert run(scenario()) == [2, 2, 1, 0]
+
+
+# --- the gateway-wide cap (router.max_concurrent_requests) ----------------------------------
+
+
+def test_the_gateway_cap_counts_every_request_and_refuses_with_429_gateway_busy() -> None:
+    """Two in flight at a cap of 2: the third is a 429 ``gateway_busy`` with Retry-After,
+    keys or none; once one ends, the next is served. Its slot is freed however a
+    request ends (here: a stream read to its end, an answer, a 404 after the slot)."""
+    fleet = make_fleet(token_delay_s=0.2, max_concurrent_requests=2)
+    body = {
+        "model": CHAT_MODEL,
+        "messages": [{"role": "user", "content": "a b c d e"}],
+        "max_tokens": 5,
+    }
+    with TestClient(fleet.app) as http:
+        unknown = http.post("/v1/chat/completions", json={**body, "model": "nope"})
+        assert unknown.status_code == 404  # took a slot, and gave it back
+
+        async def three_at_once() -> list[httpx.Response]:
+            transport = httpx.ASGITransport(app=fleet.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                first = [
+                    asyncio.create_task(client.post("/v1/chat/completions", json=body))
+                    for _ in range(2)
+                ]
+                await asyncio.sleep(0.3)
+                third = await client.post("/api/chat", json=body)
+                return [*(await asyncio.gather(*first)), third]
+
+        *served, refused = asyncio.run(three_at_once())
+        assert [r.status_code for r in served] == [200, 200]
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert (error["type"], error["code"]) == ("rate_limit_error", "gateway_busy")
+        assert "2 concurrent requests" in error["message"]
+        assert refused.headers["retry-after"] == "1"
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
