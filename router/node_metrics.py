@@ -1,21 +1,61 @@
-"""``GET /metrics`` on the gateway port: the Prometheus text of this router's node.
+"""``GET /metrics`` on the gateway port: the service's own metrics from this router's node.
 
 Ray exports every metric recorded on a node (this router's, the engines' vLLM
-metrics, Ray Serve's and Ray's own) from that node's metrics agent. On one machine
-that is everything; the gateway relays it so a single-node user needs no Ray ports.
-On a cluster, scrape every node instead (``infra/prometheus/``): the answering
-router replica's node is only part of it.
+metrics, Ray Serve's and Ray's own: about 1 MB a scrape) from that node's metrics
+agent. The gateway serves only the service's families, llm-fleet's (``ray_llm_fleet_*``),
+vLLM's (``ray_vllm_*``) and Ray Serve's (``ray_serve_*``: requests, replicas), parsed
+and written again with ``prometheus-client`` (:func:`focus`): everything the dashboard
+and alerts query, and nothing of Ray's own node, object store or task families. On one
+machine that is the whole service, with no Ray port opened; on a cluster, scrape every
+node instead (``infra/prometheus/``): the answering router replica's node is only part
+of it, and Ray's own families are there too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import urllib.request
+from collections.abc import Iterable
 from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from llm_fleet.router.api_errors import ServiceUnavailableError
 
 TIMEOUT_S = 10.0
+# The families the gateway's /metrics serves: llm-fleet's, vLLM's and Ray Serve's.
+KEPT_PREFIXES = ("ray_llm_fleet_", "ray_vllm_", "ray_serve_")
+
+
+def _kept(line: str) -> bool:
+    if line.startswith("#"):
+        parts = line.split(maxsplit=3)  # "# HELP name text" / "# TYPE name type"
+        return (
+            len(parts) >= 3 and parts[1] in ("HELP", "TYPE") and parts[2].startswith(KEPT_PREFIXES)
+        )
+    return line.startswith(KEPT_PREFIXES)
+
+
+class _Parsed:
+    """A collector that yields families parsed from a scrape, as they were."""
+
+    def __init__(self, families: Iterable[Metric]):
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def focus(text: str) -> str:
+    """The service's families of a node's metrics text (``KEPT_PREFIXES``), parsed and
+    written again in the Prometheus text format. Lines of other families are dropped
+    before parsing, so the cost follows what is kept."""
+    kept = "\n".join(line for line in text.splitlines() if _kept(line)) + "\n"
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Parsed(text_string_to_metric_families(kept)))  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
 
 
 def _node_metrics_url() -> str:
@@ -30,7 +70,8 @@ def _node_metrics_url() -> str:
 
 
 class NodeMetrics:
-    """Fetches the node's metrics text (the port is looked up once)."""
+    """Fetches the node's metrics text (the port is looked up once), focused on the
+    service's families (:func:`focus`)."""
 
     def __init__(self) -> None:
         self._url: str | None = None
@@ -38,7 +79,8 @@ class NodeMetrics:
     async def __call__(self) -> str:
         if self._url is None:
             self._url = await asyncio.to_thread(_node_metrics_url)
-        return await asyncio.to_thread(self._fetch, self._url)
+        url = self._url
+        return await asyncio.to_thread(lambda: focus(self._fetch(url)))
 
     @staticmethod
     def _fetch(url: str) -> str:

@@ -276,12 +276,39 @@ def test_alert_rules_load_and_evaluate(prometheus: Prometheus) -> None:
     assert all(rule["health"] == "ok" for rule in rules), rules
 
 
-def test_gateway_metrics_endpoint_serves_the_node_text(fleet: Fleet) -> None:
-    reply = httpx.get(f"{fleet.base_url}/metrics", timeout=30)
-    assert reply.status_code == 200
-    assert reply.headers["content-type"].startswith("text/plain")
-    assert "ray_llm_fleet_requests_total{" in reply.text
-    assert "ray_vllm_" in reply.text
+@pytest.mark.usefixtures("ray_driver")
+def test_gateway_metrics_serves_every_queried_family_and_only_the_services(fleet: Fleet) -> None:
+    """``/metrics`` on the gateway port: every metric the dashboard and alerts query, in
+    a text ``prometheus-client`` parses, and none of Ray's own node families; printed:
+    its size beside the node's whole text that it used to relay."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llm_fleet.router.node_metrics import KEPT_PREFIXES, _node_metrics_url
+
+    _exercise_every_metric(fleet)
+    wanted = metric_names_used(DASHBOARD, ALERT_RULES)
+    deadline = time.monotonic() + SCRAPE_WAIT_S
+    while True:
+        reply = httpx.get(f"{fleet.base_url}/metrics", timeout=30)
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/plain")
+        names = {
+            sample.name
+            for family in text_string_to_metric_families(reply.text)
+            for sample in family.samples
+        }
+        missing = wanted - names
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not missing, f"queried by infra/ but not on the gateway's /metrics: {sorted(missing)}"
+    assert all(name.startswith(KEPT_PREFIXES) for name in names), sorted(names)[:20]
+    node = httpx.get(_node_metrics_url(), timeout=30).text
+    assert "ray_node_" in node  # the node's own families exist, and are left out
+    print(
+        f"/metrics: {len(reply.content)} bytes, {len(names)} series names; "
+        f"the node's whole text: {len(node.encode())} bytes"
+    )
 
 
 # --- logs -------------------------------------------------------------------------------
