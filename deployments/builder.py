@@ -13,6 +13,7 @@ Environment overrides, read here and only here (replicas get objects, not env):
 - ``LLM_DEFAULT_TEMPERATURE`` / ``LLM_DEFAULT_TOP_P``: ``sampling.temperature`` /
   ``sampling.top_p`` of every model that sets none itself (a model's own value wins).
 - ``LLM_MAX_CONCURRENT_REQUESTS``: replaces ``router.max_concurrent_requests``.
+- ``LOG_FORMAT``: ``json`` or ``pretty``; replaces ``log_format``.
 - ``CORS_ALLOWED_ORIGINS``: comma-separated origins; replaces ``router.cors_allowed_origins``.
 - ``LLM_FLEET_KEYS_FILE``: absolute path of the API keys file; replaces
   ``router.keys_file`` (the same variable is the ``llm-fleet keys`` default ``--file``).
@@ -41,6 +42,7 @@ ENV_MAX_TOKENS_LIMIT = "LLM_MAX_TOKENS_LIMIT"
 ENV_DEFAULT_TEMPERATURE = "LLM_DEFAULT_TEMPERATURE"
 ENV_DEFAULT_TOP_P = "LLM_DEFAULT_TOP_P"
 ENV_MAX_CONCURRENT_REQUESTS = "LLM_MAX_CONCURRENT_REQUESTS"
+ENV_LOG_FORMAT = "LOG_FORMAT"
 ENV_CORS_ALLOWED_ORIGINS = "CORS_ALLOWED_ORIGINS"
 ENV_KEYS_FILE = "LLM_FLEET_KEYS_FILE"
 ENV_DRAIN_DIR = "LLM_FLEET_DRAIN_DIR"
@@ -157,6 +159,11 @@ def load_config(args: Mapping[str, Any], environ: Mapping[str, str]) -> FleetCon
     config = apply_allowlist(config, environ.get(ENV_ALLOWED_MODELS))
     config = _apply_token_env(config, environ)
     config = _apply_sampling_env(config, environ)
+    log_format = environ.get(ENV_LOG_FORMAT, "").strip().lower()
+    if log_format:
+        if log_format not in ("json", "pretty"):
+            raise ConfigError(f"{ENV_LOG_FORMAT} must be 'json' or 'pretty', got {log_format!r}")
+        config = config.model_copy(update={"log_format": log_format})
     cap = _env_int(environ, ENV_MAX_CONCURRENT_REQUESTS)
     if cap is not None:
         router = config.router.model_copy(update={"max_concurrent_requests": cap})
@@ -178,7 +185,16 @@ def load_config(args: Mapping[str, Any], environ: Mapping[str, str]) -> FleetCon
     return config
 
 
-def deployment_options(model: ModelConfig) -> dict[str, Any]:
+def logging_options(log_format: str | None) -> dict[str, Any]:
+    """The Serve ``logging_config`` of an llm-fleet deployment for ``log_format`` (none:
+    the app's, from the Serve config file)."""
+    if log_format is None:
+        return {}
+    encoding = "JSON" if log_format == "json" else "TEXT"
+    return {"logging_config": {"encoding": encoding, "enable_access_log": False}}
+
+
+def deployment_options(model: ModelConfig, log_format: str | None = None) -> dict[str, Any]:
     """Ray Serve options of a model's deployment (named after the model id)."""
     res = model.resources
     actor: dict[str, Any] = {"num_cpus": res.num_cpus}
@@ -195,6 +211,7 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
         "health_check_period_s": model.health_check_period_s,
         "health_check_timeout_s": model.health_check_timeout_s,
         "ray_actor_options": actor,
+        **logging_options(log_format),
     }
     if res.tensor_parallel_size > 1:
         # The replica actor sits in bundle 0 beside the first shard; vLLM's Ray
@@ -214,7 +231,7 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
 DIRECT_REFUSAL_HEADROOM = 1024
 
 
-def direct_deployment_options(model: ModelConfig) -> dict[str, Any]:
+def direct_deployment_options(model: ModelConfig, log_format: str | None = None) -> dict[str, Any]:
     """A ``direct: true`` model's Serve options.
 
     Its replicas are their app's HTTP ingress, so a request Serve refuses gets the
@@ -226,7 +243,7 @@ def direct_deployment_options(model: ModelConfig) -> dict[str, Any]:
     503 the router would send. While the model has no replica up (a restart, a scale
     from zero), up to that many requests wait at the proxy for one, bounded by
     ``http_options.request_timeout_s``; past that, Serve's own 503 remains."""
-    options = deployment_options(model)
+    options = deployment_options(model, log_format)
     bound = model.max_ongoing_requests + model.max_queued_requests
     options["max_ongoing_requests"] = bound + DIRECT_REFUSAL_HEADROOM
     options["max_queued_requests"] = model.max_queued_requests + DIRECT_REFUSAL_HEADROOM
@@ -277,7 +294,9 @@ def build_model_apps(
     from llm_fleet.deployments.model_deployment import ModelDeployment
 
     return {
-        model.id: serve.deployment(**deployment_options(model))(ModelDeployment).bind(
+        model.id: serve.deployment(**deployment_options(model, config.log_format))(
+            ModelDeployment
+        ).bind(
             model,
             engine_factory,
             cpu_binding=config.cpu_binding,

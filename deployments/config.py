@@ -303,6 +303,14 @@ class FleetConfig(StrictModel):
         default_factory=CpuBindingConfig,
         description="Cores for CPU engine replicas: each one its own, reported in /health.",
     )
+    log_format: Literal["json", "pretty"] | None = Field(
+        None,
+        description="The log lines of the router and model replicas: 'json' (one object per "
+        "line, for log shippers) or 'pretty' (Serve's text lines). Set, it is every llm-fleet "
+        "deployment's Serve logging_config (encoding, and Serve's access log off: the "
+        "router writes its own line). null: the app's logging_config in the Serve config "
+        "file decides. LOG_FORMAT overrides it.",
+    )
 
     @field_validator("models")
     @classmethod

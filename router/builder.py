@@ -21,6 +21,7 @@ from llm_fleet.deployments.builder import (
     direct_deployment_options,
     direct_model_config,
     load_config,
+    logging_options,
 )
 from llm_fleet.deployments.config import FleetConfig
 from llm_fleet.deployments.model_deployment import EngineFactory
@@ -36,6 +37,7 @@ def router_options(config: FleetConfig) -> dict[str, Any]:
         "autoscaling_config": router.autoscaling.to_serve(),
         "max_ongoing_requests": router.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": router.num_cpus},
+        **logging_options(config.log_format),
     }
 
 
@@ -74,5 +76,6 @@ def build_direct(
     if model is None:  # LLM_ALLOWED_MODELS left it out: every model is a 404 here
         left_out = serve.deployment(name=LEFT_OUT_DEPLOYMENT, ray_actor_options={"num_cpus": 0})
         return left_out(LeftOutIngress).bind(config)
-    deployment = serve.deployment(**direct_deployment_options(model))(DirectModelIngress)
+    options = direct_deployment_options(model, config.log_format)
+    deployment = serve.deployment(**options)(DirectModelIngress)
     return deployment.bind(config, model_id, engine_factory)

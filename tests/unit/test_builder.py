@@ -299,3 +299,28 @@ def test_llm_max_concurrent_requests_sets_the_gateway_wide_cap() -> None:
     assert config.router.max_concurrent_requests == 10
     with pytest.raises(ConfigError, match="LLM_MAX_CONCURRENT_REQUESTS must be a positive"):
         load_config(ARGS, {"LLM_MAX_CONCURRENT_REQUESTS": "0"})
+
+
+@pytest.mark.parametrize(("value", "encoding"), [("json", "JSON"), (" Pretty ", "TEXT")])
+def test_log_format_sets_every_deployments_serve_logging(value: str, encoding: str) -> None:
+    config = load_config(
+        {**ARGS, "models": [*ARGS["models"], model("delta", direct=True)]}, {"LOG_FORMAT": value}
+    )
+    expected = {"encoding": encoding, "enable_access_log": False}
+    assert router_options(config)["logging_config"] == expected
+    for each in config.models:
+        assert deployment_options(each, config.log_format)["logging_config"] == expected
+    direct = config.model("delta")
+    assert direct is not None
+    assert direct_deployment_options(direct, config.log_format)["logging_config"] == expected
+
+
+def test_without_log_format_the_config_files_logging_config_decides() -> None:
+    config = load_config(ARGS, {})
+    assert config.log_format is None
+    assert "logging_config" not in router_options(config)
+    assert "logging_config" not in deployment_options(config.models[0], config.log_format)
+    from_args = load_config({**ARGS, "log_format": "json"}, {})
+    assert router_options(from_args)["logging_config"]["encoding"] == "JSON"
+    with pytest.raises(ConfigError, match="LOG_FORMAT must be 'json' or 'pretty'"):
+        load_config(ARGS, {"LOG_FORMAT": "xml"})
