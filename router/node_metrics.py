@@ -3,7 +3,7 @@
 Ray exports every metric recorded on a node (this router's, the engines' vLLM
 metrics, Ray Serve's and Ray's own: about 1 MB a scrape) from that node's metrics
 agent. The gateway serves only the service's families, llm-fleet's (``ray_llm_fleet_*``),
-vLLM's (``ray_vllm_*``) and Ray Serve's (``ray_serve_*``: requests, replicas), parsed
+vLLM's (``ray_vllm_*``) and Ray Serve's request, queue and replica families, parsed
 and written again with ``prometheus-client`` (:func:`focus`): everything the dashboard
 and alerts query, and nothing of Ray's own node, object store or task families. On one
 machine that is the whole service, with no Ray port opened; on a cluster, scrape every
@@ -25,17 +25,42 @@ from prometheus_client.parser import text_string_to_metric_families
 from llm_fleet.router.api_errors import ServiceUnavailableError
 
 TIMEOUT_S = 10.0
-# The families the gateway's /metrics serves: llm-fleet's, vLLM's and Ray Serve's.
-KEPT_PREFIXES = ("ray_llm_fleet_", "ray_vllm_", "ray_serve_")
+# The families the gateway's /metrics serves: all of llm-fleet's and vLLM's, and Ray
+# Serve's request, queue and replica families (not its latency histograms, which
+# ours and vLLM's cover, nor its controller's, proxy's and autoscaler's internals).
+KEPT_PREFIXES = ("ray_llm_fleet_", "ray_vllm_")
+SERVE_FAMILIES = (
+    "ray_serve_deployment_request_counter",
+    "ray_serve_deployment_error_counter",
+    "ray_serve_num_http_requests",
+    "ray_serve_num_http_error_requests",
+    "ray_serve_deployment_queued_queries",
+    "ray_serve_replica_processing_queries",
+    "ray_serve_num_ongoing_requests_at_replicas",
+    "ray_serve_deployment_replica_healthy",
+    "ray_serve_deployment_replica_starts",
+    "ray_serve_autoscaling_target_replicas",
+)
+
+
+def kept_name(name: str) -> bool:
+    """Whether a sample or family name is one the gateway's /metrics serves."""
+    if name.startswith(KEPT_PREFIXES):
+        return True
+    # A family's samples: the name itself, or it plus a suffix (_total, _bucket...).
+    return any(name == f or name.startswith(f + "_") for f in SERVE_FAMILIES)
 
 
 def _kept(line: str) -> bool:
     if line.startswith("#"):
         parts = line.split(maxsplit=3)  # "# HELP name text" / "# TYPE name type"
-        return (
-            len(parts) >= 3 and parts[1] in ("HELP", "TYPE") and parts[2].startswith(KEPT_PREFIXES)
-        )
-    return line.startswith(KEPT_PREFIXES)
+        return len(parts) >= 3 and parts[1] in ("HELP", "TYPE") and kept_name(parts[2])
+    end = len(line)
+    for stop in ("{", " "):
+        at = line.find(stop)
+        if at != -1:
+            end = min(end, at)
+    return kept_name(line[:end])
 
 
 class _Parsed:

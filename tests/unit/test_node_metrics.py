@@ -24,6 +24,12 @@ ray_vllm_time_to_first_token_seconds_sum{model_name="m"} 0.9
 # HELP ray_serve_deployment_replica_healthy Whether the replica is healthy.
 # TYPE ray_serve_deployment_replica_healthy gauge
 ray_serve_deployment_replica_healthy{deployment="m",application="fleet"} 1.0
+# HELP ray_serve_controller_control_loop_duration_s The controller's loop.
+# TYPE ray_serve_controller_control_loop_duration_s gauge
+ray_serve_controller_control_loop_duration_s{actor_id="a"} 0.01
+# HELP ray_serve_deployment_request_counter_total Requests a replica processed.
+# TYPE ray_serve_deployment_request_counter_total counter
+ray_serve_deployment_request_counter_total{deployment="m",route="/"} 9.0
 # HELP ray_object_store_memory Object store memory.
 # TYPE ray_object_store_memory gauge
 ray_object_store_memory{Location="MMAP_SHM"} 1.2e+07
@@ -40,13 +46,15 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_only_the_service_families_are_kept_with_every_sample_unchanged() -> None:
     focused = focus(NODE_TEXT)
-    assert "ray_node_cpu_utilization" not in focused
-    assert "ray_object_store_memory" not in focused
-    kept = {
-        k: v
-        for k, v in _samples(NODE_TEXT).items()
-        if not k[0].startswith(("ray_node", "ray_object"))
-    }
+    dropped = ("ray_node", "ray_object", "ray_serve_controller")
+    for family in dropped:
+        assert family not in focused
+    kept = {k: v for k, v in _samples(NODE_TEXT).items() if not k[0].startswith(dropped)}
+    request_counter = (
+        "ray_serve_deployment_request_counter_total",
+        (("deployment", "m"), ("route", "/")),
+    )
+    assert request_counter in kept
     assert _samples(focused) == kept
     assert "# TYPE ray_vllm_time_to_first_token_seconds histogram" in focused
     assert "# TYPE ray_llm_fleet_requests_total counter" in focused
