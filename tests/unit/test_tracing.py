@@ -315,3 +315,40 @@ def test_spans_over_http_protobuf_when_the_protocol_says_so(
     assert span.resource["service.name"] == "llm-fleet"
     for word in SECRET_WORDS.split():
         assert word.encode() not in receiver.received.raw()
+
+
+# --- tracing never fails a request ------------------------------------------------------
+
+
+def test_a_collector_that_is_down_costs_the_requests_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with GrpcReceiver() as gone:
+        endpoint = gone.endpoint  # a free port, closed again below
+    tracer = tracer_for(monkeypatch, endpoint, OTEL_EXPORTER_OTLP_TIMEOUT="1")
+    fleet = make_fleet(tracer=tracer)
+    started = time.monotonic()
+    with TestClient(fleet.app) as http:
+        statuses = [http.post(CHAT_PATH, json=chat()).status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert time.monotonic() - started < 2  # exports wait in the background, not in requests
+    asyncio.run(tracer.stop())  # gives up within the exporter's timeout
+
+
+def test_a_span_that_cannot_be_made_is_logged_and_the_request_closes_out(
+    monkeypatch: pytest.MonkeyPatch, grpc_receiver: GrpcReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracer = tracer_for(monkeypatch, grpc_receiver.endpoint)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("tracer broke")
+
+    monkeypatch.setattr(tracer._tracer, "start_span", broken)
+    metrics = RecordingMetrics()
+    fleet = make_fleet(tracer=tracer, metrics=metrics)
+    with TestClient(fleet.app) as http:
+        whole = http.post(CHAT_PATH, json=chat())
+        stream = http.post(CHAT_PATH, json=chat(stream=True))
+    assert (whole.status_code, stream.status_code) == (200, 200)
+    assert [r.status for r in metrics.finished] == [200, 200]
+    assert "tracing: no span for request" in caplog.text
