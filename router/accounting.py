@@ -2,8 +2,8 @@
 
 The router fills a :class:`RequestRecord` as the request goes (model, status, token
 counts, frame times) and finishes it exactly once, when the answer is sent, the
-stream ends or the client leaves. Finishing feeds the metrics (``router/metrics.py``)
-and writes the access log line.
+stream ends or the client leaves. Finishing feeds the metrics (``router/metrics.py``),
+writes the access log line and, with tracing on, makes its span (``router/tracing.py``).
 
 The access log line (logger ``llm_fleet.access``, one per request) carries the
 request id, model, endpoint, status, token counts, latencies and ``key`` (the API
@@ -67,12 +67,14 @@ def in_background(work: Awaitable[None]) -> asyncio.Future[None]:
 class RequestRecord:
     request_id: str
     endpoint: Route
+    path: str | None = None  # the route's path when it is not the endpoint's own (/api/*)
     started: float = field(default_factory=time.perf_counter)
     model: str = UNKNOWN_MODEL  # a configured id only: metric labels stay bounded
     key: str | None = None  # the API key's id (never the key); None without auth
     stream: bool = False
     status: int = 200
     error_code: str | None = None
+    error_type: str | None = None  # the OpenAI error body's type
     rejection: str | None = None
     dispatched_at: float | None = None
     replied_at: float | None = None
@@ -100,6 +102,7 @@ class RequestRecord:
     def failed(self, err: APIError) -> None:
         self.status = err.status_code
         self.error_code = err.code
+        self.error_type = err.error_type
         if self.replied_at is None:
             # Refused before any answer came back (by the router, or Serve's back-pressure);
             # an engine's own 4xx is an answer, not a rejection.
@@ -140,21 +143,30 @@ class RequestRecord:
             return None
         return (self.last_frame_at - self.first_frame_at) / (self.frames - 1)
 
-    def server_timing(self) -> str:
-        """``Server-Timing`` for a whole answer: where the time went, in milliseconds.
+    def phases(self) -> list[tuple[str, float, float]]:
+        """Where the time went up to the answer, as ``(name, start, end)`` on the
+        ``perf_counter`` clock; Server-Timing and the request's trace span both tell it.
 
         ``routing``: the router's own work before sending (parsing, checks, waiting for
         a model to be ready). ``queue``: from sending to the answer, minus the engine's
-        time: Ray Serve's queue for a free replica and the hops there and back.
-        ``engine``: the replica's time (vLLM's own queue, prefill and decode).
+        time: Ray Serve's queue for a free replica and the hops there and back (drawn
+        before the engine). ``engine``: the replica's time (vLLM's own queue, prefill
+        and decode). The last two only once the engine's time is known (a whole answer).
         """
         end = self.replied_at or time.perf_counter()
         sent = self.dispatched_at or end
-        parts = [("routing", sent - self.started)]
+        parts = [("routing", self.started, sent)]
         if self.engine_s is not None and self.dispatched_at is not None:
-            parts.append(("queue", max(0.0, end - sent - self.engine_s)))
-            parts.append(("engine", self.engine_s))
-        parts.append(("total", end - self.started))
+            engine_from = max(sent, end - self.engine_s)
+            parts += [("queue", sent, engine_from), ("engine", engine_from, end)]
+        return parts
+
+    def server_timing(self) -> str:
+        """``Server-Timing`` for a whole answer (:meth:`phases` and the ``total``), in
+        milliseconds."""
+        phases = self.phases()
+        parts = [(name, end - start) for name, start, end in phases]
+        parts.append(("total", phases[-1][2] - self.started))
         return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in parts)
 
     def log_fields(self) -> dict[str, Any]:

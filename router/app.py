@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +43,9 @@ from llm_fleet.router.routes import (
     model_routes,
 )
 
+if TYPE_CHECKING:
+    from llm_fleet.router.tracing import RequestTracer
+
 __all__ = ["MetricsText", "create_app"]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +62,7 @@ def create_app(
     keys: KeyRing | None = None,
     quota: QuotaBackend | None = None,
     drain: Drain | None = None,
+    tracer: RequestTracer | None = None,
 ) -> FastAPI:
     """The gateway for ``config``'s models; ``clients`` has one entry per allowed model.
 
@@ -70,7 +75,8 @@ def create_app(
     and a key sees only its models (any other is the 404 of an unknown model). None:
     no auth at all. ``quota`` counts each key's requests, tokens and concurrency
     (default with keys: in this process, ``LocalQuota``). ``drain``: the replica's
-    drain before a shutdown (``router/drain.py``; none: never drains).
+    drain before a shutdown (``router/drain.py``; none: never drains). ``tracer``:
+    one span per inference request over OTLP (``router/tracing.py``; none: no tracing).
     """
     pipeline = Pipeline(
         config,
@@ -80,6 +86,7 @@ def create_app(
         quota=quota or LocalQuota(),
         keys=keys,
         drain=drain,
+        tracer=tracer,
     )
     app = FastAPI(title="llm-fleet", docs_url=None, redoc_url=None)
     _install_error_handlers(app, echo_request_id)

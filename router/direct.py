@@ -17,7 +17,8 @@ What differs from the router's door, by design:
   has no replica Serve's proxy holds the request (scale from zero) or rejects it;
   ``/health/*`` describe the replica that answers; the fleet's view is the router's;
 - no ``/metrics`` (scrape the router's); requests are counted in the same router
-  metrics, and logged with the same access line;
+  metrics, logged with the same access line and traced the same way (spans with
+  ``llm_fleet.door=direct``);
 - overload: the replica bounds its own queue (``ReplicaQueue``) and refuses the
   surplus with the router's OpenAI-shaped 503, since Serve's proxy, past its own queue,
   would answer plain text (``direct_deployment_options`` gives Serve the headroom).
@@ -44,6 +45,7 @@ from llm_fleet.router.ingress import stop_services
 from llm_fleet.router.metrics import RayRouterMetrics
 from llm_fleet.router.model_status import ModelStatus
 from llm_fleet.router.shared_quota import SharedQuota
+from llm_fleet.router.tracing import request_tracer_from_env
 
 
 class InProcessClient:
@@ -109,8 +111,11 @@ class DirectModelIngress(ModelDeployment):
         engine_factory: EngineFactory | None = None,
     ):
         log_through_serve("llm_fleet")
-        fleet_app = fleet_app_of(serve.get_replica_context().app_name, model_id)
+        replica = serve.get_replica_context()
+        fleet_app = fleet_app_of(replica.app_name, model_id)
+        me = replica.replica_id.to_full_id_str()
         self._keys = load_keyring(config)  # first: a bad keys file fails before the engine
+        self._tracing = request_tracer_from_env("direct", instance=me)  # so does bad tracing
         model = config.model(model_id)
         assert model is not None  # llm_fleet.router.builder.build_direct_app checked it
         await super().__init__(
@@ -121,7 +126,6 @@ class DirectModelIngress(ModelDeployment):
         )
         if self._keys is not None:
             await self._keys.start()
-        me = serve.get_replica_context().replica_id.to_full_id_str()
         self._quota = (
             SharedQuota(fleet_app, lease_s=config.router.quota_lease_s, holder=me)
             if self._keys is not None or config.router.max_concurrent_requests is not None
@@ -148,13 +152,14 @@ class DirectModelIngress(ModelDeployment):
             keys=self._keys,
             quota=self._quota,
             drain=self._drain,
+            tracer=self._tracing,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
 
     async def __del__(self) -> None:
-        await stop_services(self, "_keys", "_quota", "_drain")
+        await stop_services(self, "_keys", "_quota", "_drain", "_tracing")
         await super().__del__()
 
 

@@ -55,6 +55,7 @@ class ApiShape:
 
     kind: Kind
     stream: bool
+    path: str
 
     @property
     def route(self) -> Route:
@@ -180,8 +181,11 @@ def llm_list(
 
 
 API_SHAPES: dict[str, ApiShape] = {
-    "/api/generate": ApiShape("generate", stream=False),
-    "/api/generate/stream": ApiShape("generate", stream=True),
-    "/api/chat": ApiShape("chat", stream=False),
-    "/api/chat/stream": ApiShape("chat", stream=True),
+    shape.path: shape
+    for shape in (
+        ApiShape("generate", False, "/api/generate"),
+        ApiShape("generate", True, "/api/generate/stream"),
+        ApiShape("chat", False, "/api/chat"),
+        ApiShape("chat", True, "/api/chat/stream"),
+    )
 }

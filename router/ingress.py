@@ -18,6 +18,7 @@ from llm_fleet.router.model_client import HandleModelClient
 from llm_fleet.router.node_metrics import NodeMetrics
 from llm_fleet.router.shared_quota import SharedQuota
 from llm_fleet.router.status_board import ServeStatusBoard
+from llm_fleet.router.tracing import request_tracer_from_env
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -41,6 +42,7 @@ class RouterIngress:
         self._keys = load_keyring(config)  # first: a bad keys file fails before anything starts
         replica = serve.get_replica_context()
         me = replica.replica_id.to_full_id_str()  # this replica's actor name
+        self._tracing = request_tracer_from_env("router", instance=me)  # a bad one fails here
         app_name = replica.app_name
         # A direct: true model's replicas are the ingress of their own app (router/direct.py).
         apps = {
@@ -86,13 +88,14 @@ class RouterIngress:
             keys=self._keys,
             quota=self._quota,
             drain=self._drain,
+            tracer=self._tracing,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
 
     async def __del__(self) -> None:
-        await stop_services(self, "_board", "_keys", "_quota", "_drain")
+        await stop_services(self, "_board", "_keys", "_quota", "_drain", "_tracing")
 
 
 async def stop_services(replica: object, *names: str) -> None:

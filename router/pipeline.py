@@ -19,7 +19,7 @@ engine's answer, as named steps in the order they run (:meth:`Pipeline.run`):
 8. ``whole_answer`` (one JSON body) or ``stream_response`` (SSE, ``router/relay.py``).
 
 :meth:`Pipeline.handle` wraps the steps: it owns the request's record (metrics, the
-access line) and its key's hold, and closes both out once however the request ends.
+access line, the trace span) and its key's hold, and closes both out once however the request ends.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -58,6 +58,9 @@ from llm_fleet.router.request_id import request_id_of
 from llm_fleet.router.request_limits import apply_token_limits, check_request_limits, output_budget
 from llm_fleet.router.sse import UsageTap, ask_for_usage
 
+if TYPE_CHECKING:
+    from llm_fleet.router.tracing import RequestTracer
+
 logger = logging.getLogger(__name__)
 
 
@@ -74,12 +77,14 @@ class Pipeline:
         quota: QuotaBackend,
         keys: KeyRing | None,
         drain: Drain | None = None,
+        tracer: RequestTracer | None = None,
     ) -> None:
         self.config, self.clients = config, clients
         self.models: dict[str, ModelConfig] = {m.id: m for m in config.models if m.id in clients}
         self.source, self.recorder, self.quota, self.keys = source, recorder, quota, keys
         self.drain = drain or Drain(None)
         self.gateway = gateway_principal(config.router.max_concurrent_requests)
+        self.tracer = tracer
 
     def authenticate(self, request: Request) -> Principal | None:
         """The request's principal; with keys, none is a 401. Without keys: None."""
@@ -110,9 +115,10 @@ class Pipeline:
         key_cap = principal.limits.max_tokens if principal is not None else None
         return model.sampling.apply(apply_token_limits(route, body, model.limits, key_cap))
 
-    def finisher(self, hold: QuotaHold, gate: QuotaHold) -> Finish:
-        """Finish a record once: metrics, the access line, its key's quota and its slot in
-        the gateway-wide cap released."""
+    def finisher(self, hold: QuotaHold, gate: QuotaHold, request: Request) -> Finish:
+        """Finish a record once: metrics, the access line, its trace span (with tracing
+        on; ``request``'s headers may hold the caller's ``traceparent``), its key's quota
+        and its slot in the gateway-wide cap released."""
 
         async def finish(record: RequestRecord) -> None:
             if record.finished_at is not None:
@@ -121,6 +127,8 @@ class Pipeline:
             self.drain.finished()
             self.recorder.request_finished(record)
             log_request(record)
+            if self.tracer is not None:
+                self.tracer.request_finished(record, request.headers)
             await uninterrupted(hold.release(record.tokens_used))
             await uninterrupted(gate.release(0))
 
@@ -137,7 +145,7 @@ class Pipeline:
         record = RequestRecord(request_id=request_id_of(request.scope), endpoint=route)
         hold = QuotaHold(self.quota, None)
         gate = GatewayHold(self.quota, self.gateway)
-        finish = self.finisher(hold, gate)
+        finish = self.finisher(hold, gate, request)
         handed_to_relay = False
         self.drain.started()
         try:
@@ -187,7 +195,7 @@ class Pipeline:
         body = await read_json(request, self.config.router.max_request_bytes)
         if shape is not None:
             route, body = shape.openai_request(body, self.models)
-            record.endpoint = route
+            record.endpoint, record.path = route, shape.path
         parsed = parse_request(route, body)
         model = self.resolve_model(hold.principal, parsed.model)
         record.model, record.stream = model.id, bool(parsed.stream)

@@ -14,23 +14,26 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from llm_fleet.deployments.engine import Route
 from llm_fleet.router.api_errors import ModelNotFoundError
 from llm_fleet.router.inference_api import API_SHAPES, ApiShape, llm_list
 from llm_fleet.router.openapi_schema import CHAT_REQUEST, COMPLETION_REQUEST, inference_openapi
 from llm_fleet.router.pipeline import Pipeline
 
 MetricsText = Callable[[], Awaitable[str]]
+# Each inference route's path (also the ``http.route`` of its trace spans).
+ROUTE_PATHS: dict[Route, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
 def inference_routes(pipeline: Pipeline) -> APIRouter:
     """``POST /v1/chat/completions`` and ``POST /v1/completions``."""
     routes = APIRouter()
 
-    @routes.post("/v1/chat/completions", openapi_extra=inference_openapi(CHAT_REQUEST))
+    @routes.post(ROUTE_PATHS["chat"], openapi_extra=inference_openapi(CHAT_REQUEST))
     async def chat_completions(request: Request) -> Response:
         return await pipeline.handle("chat", request)
 
-    @routes.post("/v1/completions", openapi_extra=inference_openapi(COMPLETION_REQUEST))
+    @routes.post(ROUTE_PATHS["completions"], openapi_extra=inference_openapi(COMPLETION_REQUEST))
     async def completions(request: Request) -> Response:
         return await pipeline.handle("completions", request)
 

@@ -29,6 +29,7 @@ from llm_fleet.router.drain import Drain
 from llm_fleet.router.model_client import HandleModelClient, ModelClient
 from llm_fleet.router.model_status import ModelStatus, State
 from llm_fleet.router.quota import QuotaBackend
+from llm_fleet.router.tracing import RequestTracer
 from tests.fake_engine import FakeEngine
 from tests.fake_handle import ReplicaHandle, start_replica
 
@@ -190,6 +191,7 @@ def make_fleet(
     keys: KeyRing | None = None,
     quota: QuotaBackend | None = None,
     drain: Drain | None = None,
+    tracer: RequestTracer | None = None,
     **router: Any,
 ) -> Fleet:
     """The router app over fake engines for the allowed models.
@@ -197,7 +199,8 @@ def make_fleet(
     ``handle_options`` go to every ``ReplicaHandle`` (e.g. a refusal to raise);
     ``extra_clients`` add or replace model clients;
     ``model_fields`` add per-model config fields (see ``fleet_config``); ``status``,
-    ``metrics``, ``metrics_text``, ``keys``, ``quota`` and ``drain`` go to ``create_app``;
+    ``metrics``, ``metrics_text``, ``keys``, ``quota``, ``drain`` and ``tracer`` go to
+    ``create_app``;
     ``router`` overrides ``RouterConfig`` fields.
     """
     engines = {
@@ -222,6 +225,7 @@ def make_fleet(
         keys=keys,
         quota=quota,
         drain=drain,
+        tracer=tracer,
     )
     return Fleet(app=app, engines=engines, handles=handles)
 
