@@ -121,8 +121,12 @@ def _from_env(options: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str
     return labels, notes
 
 
+class _EncryptedKey(Exception):
+    """OpenSSL asked for a password the file does not give."""
+
+
 def _no_password() -> bytes:
-    raise ConfigError("encrypted")  # rather than OpenSSL asking at the terminal
+    raise _EncryptedKey  # rather than OpenSSL asking at the terminal
 
 
 def _check_tls(options: Mapping[str, Any], labels: Mapping[str, str]) -> None:
@@ -157,7 +161,7 @@ def _check_tls(options: Mapping[str, Any], labels: Mapping[str, str]) -> None:
     password: str | Callable[[], bytes] = options.get("ssl_keyfile_password") or _no_password
     try:
         context.load_cert_chain(certfile, keyfile, password=password)
-    except ConfigError:
+    except _EncryptedKey:
         raise ConfigError(
             f"{shown('ssl_keyfile')}: the key is encrypted and http_options.ssl_keyfile_password "
             "is not set"
