@@ -32,6 +32,12 @@ Ray's defaults; the README says why for each.
 A cluster started some other way (KubeRay, ``ray start``) needs the same variables in
 its nodes' environment (``infra/kuberay/rayservice.yaml`` sets it).
 
+Where the gateway listens (``listen.py``): ``LLM_INFERENCE_HOSTNAME``, ``LLM_INFERENCE_PORT``
+and ``SERVER_SSL_ENABLED`` with ``TLS_SERVER_CERT_PATH`` / ``TLS_SERVER_KEY_PATH`` replace
+the config file's ``http_options``; ``serve run`` then gets a temporary copy of the file
+with them (removed when it exits). TLS files that do not load stop the launcher before
+anything starts.
+
 Draining (``grace_s``, 30 s by default; ``llm-fleet serve --grace-s``): the launcher
 gives the cluster a drain folder (``LLM_FLEET_DRAIN_DIR``, ``router/drain.py``). On the
 first SIGINT or SIGTERM it writes the drain's end there: the routers refuse new
@@ -58,6 +64,10 @@ from pathlib import Path
 from types import FrameType
 
 import psutil
+import yaml
+
+from llm_fleet.cli.listen import serve_config
+from llm_fleet.deployments.errors import ConfigError
 
 STOP_TIMEOUT_S = 60.0
 GRACE_S = 30.0
@@ -186,14 +196,35 @@ def drain_then_stop(
     return time.monotonic() - started
 
 
+def _config_to_serve(config: str) -> Path | None:
+    """The derived config ``serve run`` gets instead of ``config``, if any; says where
+    it will listen and each file value the environment replaced."""
+    derived, listen = serve_config(config, os.environ)
+    for note in listen.notes:
+        print(f"llm-fleet: {config}: {note}", file=sys.stderr, flush=True)
+    applied = f" (with the environment's http_options: {derived})" if derived else ""
+    print(f"llm-fleet: serving {config} at {listen.url}{applied}", flush=True)
+    return derived
+
+
 def serve_foreground(config: str, grace_s: float = GRACE_S) -> int:
     """Run until ``serve run`` exits or the launcher is told to stop.
+
+    ``serve run`` gets ``config``, or a temporary copy with the listening variables
+    applied (``listen.py``); an invalid one (a TLS file that does not load) ends it here
+    with exit code 1, before anything starts.
 
     First SIGINT/SIGTERM: the drain (module docstring), then one SIGINT to ``serve
     run``, which stops Serve, the engines and the local cluster. A second one: kill it
     and everything under it. The handlers never wait on the child themselves (the main
     thread already does); the drain waits in a thread of its own.
     """
+    try:
+        derived = _config_to_serve(config)
+    except (ConfigError, OSError, yaml.YAMLError) as exc:
+        for line in str(exc).splitlines():
+            print(f"llm-fleet: {config}: {line}", file=sys.stderr, flush=True)
+        return 1
     process: subprocess.Popen[bytes] | None = None
     signals = 0
     given = os.environ.get(DRAIN_ENV)
@@ -214,11 +245,13 @@ def serve_foreground(config: str, grace_s: float = GRACE_S) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     try:
-        process = start(config, env={**os.environ, DRAIN_ENV: str(folder)})
+        process = start(str(derived or config), env={**os.environ, DRAIN_ENV: str(folder)})
         code = process.wait()
     finally:
         if not given:
             shutil.rmtree(folder, ignore_errors=True)
+        if derived:
+            derived.unlink(missing_ok=True)
     return 0 if signals else code
 
 

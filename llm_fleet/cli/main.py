@@ -9,13 +9,16 @@
     llm-fleet keys create|list|revoke   API keys (``--file``, default $LLM_FLEET_KEYS_FILE)
     llm-fleet serve FILE                validate FILE, then ``serve run FILE`` until Ctrl-C
 
-``validate`` applies the same env overrides as a deployment (``LLM_ALLOWED_MODELS``...).
+``validate`` applies the same env overrides as a deployment (``LLM_ALLOWED_MODELS``...),
+and those of where ``llm-fleet serve`` listens (``listen.py``: ``LLM_INFERENCE_PORT``,
+``SERVER_SSL_ENABLED``...), whose TLS files it loads.
 It also checks the direct path's wiring: each ``direct: true`` model has an app with
 ``import_path: llm_fleet.router.builder:build_direct_app``, named ``<fleet app>.<model id>``, whose
 ``direct_model`` is that model (README, Direct path).
 
-Exit codes: 0 ok; 1 invalid config, no llm-fleet application in a file, or a model
-that failed to prepare; 2 usage error, or a file that cannot be read or parsed as YAML.
+Exit codes: 0 ok; 1 invalid config (a TLS file that does not load among them), no
+llm-fleet application in a file, or a model that failed to prepare; 2 usage error, or a
+file that cannot be read or parsed as YAML.
 ``keys``: 0 ok, 2 usage or an invalid keys file, an unknown or duplicate key name.
 """
 
@@ -31,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from llm_fleet.cli.listen import resolve as resolve_listen
 from llm_fleet.deployments.builder import (
     ENV_KEYS_FILE,
     direct_app_name,
@@ -149,7 +153,23 @@ def _validate_file(name: str) -> int:
     codes = [_validate_app(f"{name}: applications[{i}]", app, direct_names) for i, app in found] + [
         _validate_direct_app(f"{name}: applications[{i}]", app, fleet_names) for i, app in direct
     ]
-    return max(codes)
+    return _validate_listen(name, document, max(codes))
+
+
+def _validate_listen(name: str, document: object, code: int) -> int:
+    """Check where ``llm-fleet serve`` listens; says where once the rest is ``code`` 0."""
+    try:
+        listen = resolve_listen(document, os.environ)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            _error(f"{name}: {line}")
+        return EXIT_INVALID
+    if code != EXIT_OK:
+        return code
+    print(f"{name}: llm-fleet serve listens at {listen.url}")
+    for note in listen.notes:
+        print(f"{name}: {note}")
+    return EXIT_OK
 
 
 def _validate(options: argparse.Namespace) -> int:

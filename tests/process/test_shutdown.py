@@ -14,7 +14,8 @@ import json
 
 import pytest
 
-from tests.process.drain_run import TOKEN_DELAY_S, DrainRun, run_drain
+from tests.process.drain_run import DrainRun, run_drain
+from tests.process.launcher_run import TOKEN_DELAY_S
 
 pytestmark = [pytest.mark.own_cluster, pytest.mark.slow]
 

@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 import yaml
 
+from llm_fleet.cli.listen import LISTEN_ENV
 from llm_fleet.cli.main import main
 from llm_fleet.deployments.weights import embedded
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = str(REPO / "serve_config.local.yaml")
-OVERRIDES = ("LLM_ALLOWED_MODELS", "LLM_DEFAULT_MAX_TOKENS", "LLM_MAX_TOKENS_LIMIT")
+OVERRIDES = ("LLM_ALLOWED_MODELS", "LLM_DEFAULT_MAX_TOKENS", "LLM_MAX_TOKENS_LIMIT", *LISTEN_ENV)
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +44,7 @@ def fleet_app(*models: dict[str, Any]) -> dict[str, Any]:
 def test_validate_ok_prints_one_line_per_app(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", LOCAL_CONFIG]) == 0
     out, err = capsys.readouterr()
-    line, direct = out.splitlines()
+    line, direct, listening = out.splitlines()
     assert line.startswith(f"{LOCAL_CONFIG}: applications[0] (fleet): ok, 2 model(s)")
     assert "smollm2-135m-instruct (embedded://smollm2-135m-instruct)" in line
     assert "gemma-3-270m (embedded://gemma-3-270m)" in line
@@ -51,6 +52,7 @@ def test_validate_ok_prints_one_line_per_app(capsys: pytest.CaptureFixture[str])
         f"{LOCAL_CONFIG}: applications[1] (fleet.smollm2-135m-instruct): ok, "
         "direct path of smollm2-135m-instruct"
     )
+    assert listening == f"{LOCAL_CONFIG}: llm-fleet serve listens at http://127.0.0.1:8000"
     assert err == ""
 
 
@@ -60,7 +62,7 @@ def test_validate_applies_the_allowlist(
     monkeypatch.setenv("LLM_ALLOWED_MODELS", "gemma-3-270m")
     assert main(["validate", LOCAL_CONFIG]) == 0
     out = capsys.readouterr().out
-    fleet, direct = out.splitlines()
+    fleet, direct, _ = out.splitlines()
     assert fleet.endswith("ok, 1 model(s): gemma-3-270m (embedded://gemma-3-270m)")
     # SmolLM2's direct app stays in the file and serves no model.
     assert direct.endswith(
