@@ -2,7 +2,8 @@
 ``create_app`` includes (``/health/*``: ``router/health.py``).
 
 The inference routes hand the request to the pipeline (``router/pipeline.py``); the
-model routes list what the caller's key may use.
+model routes list what the caller's key may use. What ``/openapi.json`` says of each
+route: ``router/openapi_operations.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from llm_fleet.router.api_errors import ModelNotFoundError
-from llm_fleet.router.openapi_schema import CHAT_REQUEST, COMPLETION_REQUEST, inference_openapi
 from llm_fleet.router.pipeline import Pipeline
 
 MetricsText = Callable[[], Awaitable[str]]
@@ -25,11 +25,11 @@ def inference_routes(pipeline: Pipeline) -> APIRouter:
     """``POST /v1/chat/completions`` and ``POST /v1/completions``."""
     routes = APIRouter()
 
-    @routes.post("/v1/chat/completions", openapi_extra=inference_openapi(CHAT_REQUEST))
+    @routes.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await pipeline.handle("chat", request)
 
-    @routes.post("/v1/completions", openapi_extra=inference_openapi(COMPLETION_REQUEST))
+    @routes.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await pipeline.handle("completions", request)
 
