@@ -8,8 +8,9 @@ nothing of Ray, so unit tests run it over the fake engine. Where each part lives
 - the error shape: ``router/errors.py``; the handlers below map every exception to it;
 - middleware: request ids (``router/request_id.py``), the header limit
   (``router/middleware.py``), CORS;
-- ``/openapi.json``: ``router/openapi_operations.py`` (FastAPI's ``/docs`` and
-  ``/redoc`` stay off: they load from a CDN).
+- ``/openapi.json``: ``router/openapi_operations.py``; ``/swagger-ui``:
+  ``router/swagger_ui.py`` (FastAPI's ``/docs`` and ``/redoc`` stay off: they load
+  from a CDN).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from llm_fleet.router.pipeline import Pipeline
 from llm_fleet.router.quota import LocalQuota, QuotaBackend
 from llm_fleet.router.request_id import RequestIdMiddleware, request_id_of
 from llm_fleet.router.routes import MetricsText, inference_routes, metrics_routes, model_routes
+from llm_fleet.router.swagger_ui import swagger_ui_routes
 
 __all__ = ["MetricsText", "create_app"]
 
@@ -63,7 +65,7 @@ def create_app(
     the Prometheus text served at /metrics (none: 404). ``echo_request_id=False``
     behind Ray Serve's proxy, which echoes X-Request-Id itself.
 
-    ``keys``: every route but /health/* and /openapi.json needs one of
+    ``keys``: every route but /health/*, /openapi.json and /swagger-ui needs one of
     these API keys (401 otherwise), and a key sees only its models (any other is the
     404 of an unknown model). None:
     no auth at all. ``quota`` counts each key's requests, tokens and concurrency
@@ -86,6 +88,7 @@ def create_app(
     if metrics_text is not None and config.router.expose_metrics:
         app.include_router(metrics_routes(pipeline, metrics_text))
     app.include_router(inference_routes(pipeline))
+    app.include_router(swagger_ui_routes())
     describe_api(app, keys_required=keys is not None)
 
     app.add_middleware(HeaderLimit, max_bytes=config.router.max_header_bytes)
