@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.process.drain_run import run_drain  # noqa: E402
+from tests.process.drain_run import run_drain
 
 
 def main() -> int:
