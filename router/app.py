@@ -7,7 +7,10 @@ nothing of Ray, so unit tests run it over the fake engine. Where each part lives
 - one request's steps, in order: ``router/pipeline.py`` (its docstring lists them);
 - the error shape: ``router/errors.py``; the handlers below map every exception to it;
 - middleware: request ids (``router/request_id.py``), the header limit
-  (``router/middleware.py``), CORS.
+  (``router/middleware.py``), CORS;
+- ``/openapi.json``: ``router/openapi_operations.py``; ``/swagger-ui``:
+  ``router/swagger_ui.py`` (FastAPI's ``/docs`` and ``/redoc`` stay off: they load
+  from a CDN).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from llm_fleet.router.metrics import NoMetrics, RouterMetrics
 from llm_fleet.router.middleware import HeaderLimit
 from llm_fleet.router.model_client import ModelClient
 from llm_fleet.router.model_status import AlwaysReady, ModelStatusSource
+from llm_fleet.router.openapi_operations import describe_api
 from llm_fleet.router.pipeline import Pipeline
 from llm_fleet.router.quota import LocalQuota, QuotaBackend
 from llm_fleet.router.request_id import RequestIdMiddleware, request_id_of
@@ -45,6 +49,7 @@ from llm_fleet.router.routes import (
 
 if TYPE_CHECKING:
     from llm_fleet.router.tracing import RequestTracer
+from llm_fleet.router.swagger_ui import swagger_ui_routes
 
 __all__ = ["MetricsText", "create_app"]
 
@@ -71,8 +76,9 @@ def create_app(
     the Prometheus text served at /metrics (none: 404). ``echo_request_id=False``
     behind Ray Serve's proxy, which echoes X-Request-Id itself.
 
-    ``keys``: every route but /health/* needs one of these API keys (401 otherwise),
-    and a key sees only its models (any other is the 404 of an unknown model). None:
+    ``keys``: every route but /health/*, /openapi.json and /swagger-ui needs one of
+    these API keys (401 otherwise), and a key sees only its models (any other is the
+    404 of an unknown model). None:
     no auth at all. ``quota`` counts each key's requests, tokens and concurrency
     (default with keys: in this process, ``LocalQuota``). ``drain``: the replica's
     drain before a shutdown (``router/drain.py``; none: never drains). ``tracer``:
@@ -96,6 +102,8 @@ def create_app(
         app.include_router(metrics_routes(pipeline, metrics_text))
     app.include_router(inference_routes(pipeline))
     app.include_router(inference_api_routes(pipeline))
+    app.include_router(swagger_ui_routes())
+    describe_api(app, keys_required=keys is not None)
 
     app.add_middleware(HeaderLimit, max_bytes=config.router.max_header_bytes)
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)

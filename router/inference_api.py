@@ -33,11 +33,6 @@ from llm_fleet.deployments.engine import Route
 from llm_fleet.router.accounting import RequestRecord
 from llm_fleet.router.api_errors import BadRequestError
 from llm_fleet.router.model_status import ModelStatus
-from llm_fleet.router.openapi_schema import (
-    API_CHAT_REQUEST,
-    API_GENERATE_REQUEST,
-    inference_openapi,
-)
 from llm_fleet.router.sse import DONE_FRAME, UsageTap
 
 Kind = Literal["generate", "chat"]
@@ -62,9 +57,6 @@ class ApiShape:
         """The engine route before the body is read (``/api/generate`` may pick the
         other once it knows the model)."""
         return "chat"
-
-    def openapi(self) -> dict[str, Any]:
-        return inference_openapi(API_CHAT_REQUEST if self.kind == "chat" else API_GENERATE_REQUEST)
 
     def openai_request(
         self, body: Any, model_of: dict[str, ModelConfig]

@@ -2,7 +2,8 @@
 ``create_app`` includes (``/health/*``: ``router/health.py``).
 
 The inference routes hand the request to the pipeline (``router/pipeline.py``); the
-model routes list what the caller's key may use.
+model routes list what the caller's key may use. What ``/openapi.json`` says of each
+route: ``router/openapi_operations.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from fastapi.responses import Response
 from llm_fleet.deployments.engine import Route
 from llm_fleet.router.api_errors import ModelNotFoundError
 from llm_fleet.router.inference_api import API_SHAPES, ApiShape, llm_list
-from llm_fleet.router.openapi_schema import CHAT_REQUEST, COMPLETION_REQUEST, inference_openapi
 from llm_fleet.router.pipeline import Pipeline
 
 MetricsText = Callable[[], Awaitable[str]]
@@ -29,11 +29,11 @@ def inference_routes(pipeline: Pipeline) -> APIRouter:
     """``POST /v1/chat/completions`` and ``POST /v1/completions``."""
     routes = APIRouter()
 
-    @routes.post(ROUTE_PATHS["chat"], openapi_extra=inference_openapi(CHAT_REQUEST))
+    @routes.post(ROUTE_PATHS["chat"])
     async def chat_completions(request: Request) -> Response:
         return await pipeline.handle("chat", request)
 
-    @routes.post(ROUTE_PATHS["completions"], openapi_extra=inference_openapi(COMPLETION_REQUEST))
+    @routes.post(ROUTE_PATHS["completions"])
     async def completions(request: Request) -> Response:
         return await pipeline.handle("completions", request)
 
@@ -52,7 +52,7 @@ def inference_api_routes(pipeline: Pipeline) -> APIRouter:
         return handle
 
     for path, shape in API_SHAPES.items():
-        routes.add_api_route(path, endpoint(shape), methods=["POST"], openapi_extra=shape.openapi())
+        routes.add_api_route(path, endpoint(shape), methods=["POST"])
 
     @routes.get("/api/llms")
     async def list_llms(request: Request) -> dict[str, Any]:

@@ -1,0 +1,142 @@
+"""A real browser on the real app, for the tests of the gateway's pages.
+
+``serve_app`` serves a FastAPI app with uvicorn on a loopback port in a thread;
+``chromium`` launches Debian's ``chromium`` (``make chromium`` installs it; Playwright
+from PyPI drives it, ``playwright install`` is never run) headless, with flags that
+work as root in a container; ``watched_page`` opens a page in it. ``BrowserWatch``
+records every request a page makes and every console error; a request to any other
+origin than the app's is aborted (nothing leaves the machine) and kept in ``foreign``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import uvicorn
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Route
+    from starlette.types import ASGIApp
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",  # root in a container has no user namespace for the sandbox
+    "--disable-dev-shm-usage",  # a container's /dev/shm is small
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+@contextmanager
+def serve_app(app: ASGIApp, start_timeout_s: float = 30.0) -> Iterator[str]:
+    """``app`` served by uvicorn on a free loopback port in a thread of its own until the
+    block ends; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def chromium_binary() -> str:
+    binary = shutil.which("chromium")
+    if binary is None:
+        raise RuntimeError("chromium is not installed: make chromium (apt-get install chromium)")
+    return binary
+
+
+@dataclass
+class BrowserWatch:
+    """A page of a headless chromium, and what it did: every request's URL (``requests``),
+    those to another origin than ``origin`` (``foreign``, aborted) and console errors."""
+
+    page: Page
+    origin: str
+    requests: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+
+    def _on_request(self, request: Request) -> None:
+        # data: and blob: URLs (the stylesheet's icons) are the page's own: no request.
+        if not request.url.startswith(("data:", "blob:")):
+            self.requests.append(request.url)
+
+    def _on_console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.console_errors.append(f"{message.text} at {message.location}")
+
+    def _on_page_error(self, error: Exception) -> None:
+        self.console_errors.append(f"uncaught: {error}")
+
+    def _route(self, route: Route) -> None:
+        url = route.request.url
+        if _origin(url) == self.origin or url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            self.foreign.append(url)
+            route.abort()
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+@contextmanager
+def chromium() -> Iterator[Browser]:
+    """A headless chromium (Debian's), closed when the block ends; one per test module
+    (a launch takes seconds), a fresh context per page (``watched_page``)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium_binary(), headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextmanager
+def watched_page(
+    browser: Browser, base_url: str, timeout_s: float = 30.0
+) -> Iterator[BrowserWatch]:
+    """A page in a context of its own (no cookies or storage from another test), watched
+    (``BrowserWatch``) for ``base_url``'s origin; Playwright's waits time out after
+    ``timeout_s``."""
+    context = browser.new_context()
+    try:
+        context.set_default_timeout(timeout_s * 1000)
+        page = context.new_page()
+        watch = BrowserWatch(page, _origin(base_url))
+        page.on("request", watch._on_request)
+        page.on("console", watch._on_console)
+        page.on("pageerror", watch._on_page_error)
+        context.route("**/*", watch._route)
+        yield watch
+    finally:
+        context.close()
