@@ -10,6 +10,7 @@ origin than the app's is aborted (nothing leaves the machine) and kept in ``fore
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import threading
@@ -140,3 +141,35 @@ def watched_page(
         yield watch
     finally:
         context.close()
+
+
+# --- Swagger UI (/swagger-ui) ---------------------------------------------------------------
+
+
+def assert_air_gapped(watch: BrowserWatch) -> None:
+    """The page made requests, every one to its own origin."""
+    assert watch.requests, "the page made no request"
+    assert watch.foreign == [], watch.foreign
+    assert all(url.startswith(watch.origin + "/") for url in watch.requests), watch.requests
+    assert watch.console_errors == [], watch.console_errors
+
+
+def open_operation(watch: BrowserWatch, path: str) -> None:
+    """Expand the operation of ``path`` and press its "Try it out"."""
+    block = watch.page.locator(f".opblock:has(.opblock-summary-path[data-path='{path}'])")
+    block.locator(".opblock-summary").first.click()
+    block.get_by_role("button", name="Try it out").click()
+
+
+def execute(watch: BrowserWatch, path: str, body: dict[str, object]) -> tuple[str, str]:
+    """Fill in ``path``'s JSON body, execute it; the status and body the panel shows."""
+    block = watch.page.locator(f".opblock:has(.opblock-summary-path[data-path='{path}'])")
+    clear = block.get_by_role("button", name="Clear")
+    if clear.count():
+        clear.click()  # the last answer goes, so the one read below is this one's
+    block.locator("textarea.body-param__text").fill(json.dumps(body))
+    block.get_by_role("button", name="Execute").click()
+    answer = block.locator(".live-responses-table tbody tr.response").first
+    status = answer.locator(".response-col_status").inner_text().strip()
+    shown = answer.locator(".response-col_description pre").first.inner_text()
+    return status, shown

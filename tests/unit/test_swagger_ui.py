@@ -22,7 +22,14 @@ from starlette.routing import Mount
 from llm_fleet.router.auth import KeyRing
 from llm_fleet.router.keys_file import create_key
 from llm_fleet.router.swagger_ui import ASSETS
-from tests.browser import BrowserWatch, chromium, serve_app, watched_page
+from tests.browser import (
+    assert_air_gapped,
+    chromium,
+    execute,
+    open_operation,
+    serve_app,
+    watched_page,
+)
 from tests.fakes import COMPLETIONS_MODEL, make_fleet
 
 if TYPE_CHECKING:
@@ -72,34 +79,6 @@ def test_the_page_names_no_other_origin_and_runs_no_inline_script() -> None:
     scripts = re.findall(r"<script( src=\"[^\"]+\")?>(.*?)</script>", page, re.S)
     assert scripts and all(src and not inline.strip() for src, inline in scripts), scripts
     assert http.get("/swagger-ui/redoc.standalone.js").status_code == 404  # only ASSETS
-
-
-def assert_air_gapped(watch: BrowserWatch) -> None:
-    assert watch.requests, "the page made no request"
-    assert watch.foreign == [], watch.foreign
-    assert all(url.startswith(watch.origin + "/") for url in watch.requests), watch.requests
-    assert watch.console_errors == [], watch.console_errors
-
-
-def open_operation(watch: BrowserWatch, path: str) -> None:
-    """Expand the operation of ``path`` and press its "Try it out"."""
-    block = watch.page.locator(f".opblock:has(.opblock-summary-path[data-path='{path}'])")
-    block.locator(".opblock-summary").first.click()
-    block.get_by_role("button", name="Try it out").click()
-
-
-def execute(watch: BrowserWatch, path: str, body: dict[str, object]) -> tuple[str, str]:
-    """Fill in ``path``'s JSON body, execute it; the status and body the panel shows."""
-    block = watch.page.locator(f".opblock:has(.opblock-summary-path[data-path='{path}'])")
-    clear = block.get_by_role("button", name="Clear")
-    if clear.count():
-        clear.click()  # the last answer goes, so the one read below is this one's
-    block.locator("textarea.body-param__text").fill(json.dumps(body))
-    block.get_by_role("button", name="Execute").click()
-    answer = block.locator(".live-responses-table tbody tr.response").first
-    status = answer.locator(".response-col_status").inner_text().strip()
-    shown = answer.locator(".response-col_description pre").first.inner_text()
-    return status, shown
 
 
 # "": the app at the server's root; "/m/gemma": under a prefix, as Serve's route prefix
