@@ -23,7 +23,7 @@ Environment overrides, read here and only here (replicas get objects, not env):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -104,50 +104,56 @@ def apply_allowlist(config: FleetConfig, allowed: str | None) -> FleetConfig:
     return config.model_copy(update={"models": models})
 
 
-def _apply_token_env(config: FleetConfig, environ: Mapping[str, str]) -> FleetConfig:
-    default = _env_int(environ, ENV_DEFAULT_MAX_TOKENS)
-    limit = _env_int(environ, ENV_MAX_TOKENS_LIMIT)
-    if default is None and limit is None:
-        return config
+def _each_model(
+    config: FleetConfig,
+    section: str,
+    variables: str,
+    change: Callable[[dict[str, Any]], dict[str, Any]],
+) -> FleetConfig:
+    """Every model's ``section`` (``limits``, ``sampling``) with ``change`` applied to its
+    values and validated again; a value the section refuses names ``variables``."""
     updated = []
     for model in config.models:
-        values = model.limits.model_dump()
-        if default is not None:
-            values["default_max_tokens"] = default
-        if limit is not None:
-            values["max_tokens_limit"] = limit
+        current = getattr(model, section)
         try:
-            limits = type(model.limits).model_validate(values)
+            value = type(current).model_validate(change(current.model_dump()))
         except ValidationError as exc:
             raise ConfigError(
-                f"{ENV_DEFAULT_MAX_TOKENS}/{ENV_MAX_TOKENS_LIMIT} for model {model.id!r}: "
-                + describe_validation_error(exc)
+                f"{variables} for model {model.id!r}: " + describe_validation_error(exc)
             ) from None
-        updated.append(model.model_copy(update={"limits": limits}))
+        updated.append(model.model_copy(update={section: value}))
     return config.model_copy(update={"models": updated})
 
 
-def _apply_sampling_env(config: FleetConfig, environ: Mapping[str, str]) -> FleetConfig:
+def _apply_token_env(config: FleetConfig, environ: Mapping[str, str]) -> FleetConfig:
     given = {
-        field: raw
-        for field, name in (("temperature", ENV_DEFAULT_TEMPERATURE), ("top_p", ENV_DEFAULT_TOP_P))
-        if (raw := _env_float(environ, name)) is not None
+        field: value
+        for field, name in (
+            ("default_max_tokens", ENV_DEFAULT_MAX_TOKENS),
+            ("max_tokens_limit", ENV_MAX_TOKENS_LIMIT),
+        )
+        if (value := _env_int(environ, name)) is not None
     }
     if not given:
         return config
-    updated = []
-    for model in config.models:
-        values = model.sampling.model_dump()
-        values.update({k: v for k, v in given.items() if values[k] is None})
-        try:
-            sampling = type(model.sampling).model_validate(values)
-        except ValidationError as exc:
-            raise ConfigError(
-                f"{ENV_DEFAULT_TEMPERATURE}/{ENV_DEFAULT_TOP_P} for model {model.id!r}: "
-                + describe_validation_error(exc)
-            ) from None
-        updated.append(model.model_copy(update={"sampling": sampling}))
-    return config.model_copy(update={"models": updated})
+    variables = f"{ENV_DEFAULT_MAX_TOKENS}/{ENV_MAX_TOKENS_LIMIT}"
+    return _each_model(config, "limits", variables, lambda values: {**values, **given})
+
+
+def _apply_sampling_env(config: FleetConfig, environ: Mapping[str, str]) -> FleetConfig:
+    """The env's sampling defaults for the models that set none themselves."""
+    given = {
+        field: value
+        for field, name in (("temperature", ENV_DEFAULT_TEMPERATURE), ("top_p", ENV_DEFAULT_TOP_P))
+        if (value := _env_float(environ, name)) is not None
+    }
+    if not given:
+        return config
+
+    def fill(values: dict[str, Any]) -> dict[str, Any]:
+        return {**values, **{k: v for k, v in given.items() if values[k] is None}}
+
+    return _each_model(config, "sampling", f"{ENV_DEFAULT_TEMPERATURE}/{ENV_DEFAULT_TOP_P}", fill)
 
 
 def load_config(args: Mapping[str, Any], environ: Mapping[str, str]) -> FleetConfig:

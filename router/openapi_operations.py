@@ -168,28 +168,10 @@ OPERATIONS: dict[str, Operation] = {
         keyed=False,
     ),
     **{
-        f"POST /api/{kind}": Operation(
-            f"{what} (the LLM Inference API)",
+        f"POST /api/{kind}{suffix}": Operation(
+            f"{what}{streamed} (the LLM Inference API)",
             _INFERENCE_API,
-            {200: json_answer(f"the answer: {answer}", "ApiAnswer")},
-            INFERENCE_ERRORS,
-            request=request,
-        )
-        for kind, what, answer, request in (
-            ("generate", "Generate text from a prompt", "text, usage", "ApiGenerateRequest"),
-            (
-                "chat",
-                "Chat with a message history",
-                "message, text, usage",
-                "ChatCompletionRequest",
-            ),
-        )
-    },
-    **{
-        f"POST /api/{kind}/stream": Operation(
-            f"{what}, streamed (the LLM Inference API)",
-            _INFERENCE_API,
-            {200: api_stream()},
+            {200: api_stream() if suffix else json_answer("the answer", "ApiAnswer")},
             INFERENCE_ERRORS,
             request=request,
         )
@@ -197,6 +179,7 @@ OPERATIONS: dict[str, Operation] = {
             ("generate", "Generate text from a prompt", "ApiGenerateRequest"),
             ("chat", "Chat with a message history", "ChatCompletionRequest"),
         )
+        for suffix, streamed in (("", ""), ("/stream", ", streamed"))
     },
     "GET /api/llms": Operation(
         "The models the API key may use, with their state (the LLM Inference API)",
