@@ -49,6 +49,7 @@ from llm_fleet.router.routes import (
 
 if TYPE_CHECKING:
     from llm_fleet.router.tracing import RequestTracer
+from llm_fleet.router.chat_ui import chat_ui_routes
 from llm_fleet.router.swagger_ui import swagger_ui_routes
 
 __all__ = ["MetricsText", "create_app"]
@@ -103,6 +104,7 @@ def create_app(
     app.include_router(inference_routes(pipeline))
     app.include_router(inference_api_routes(pipeline))
     app.include_router(swagger_ui_routes())
+    app.include_router(chat_ui_routes())
     describe_api(app, keys_required=keys is not None)
 
     app.add_middleware(HeaderLimit, max_bytes=config.router.max_header_bytes)

@@ -167,6 +167,12 @@ def llm_list(
                 else None,
                 "generate_route": model.generate_route,
                 "max_tokens_limit": model.limits.max_tokens_limit,
+                # What a request that sends none gets (null: the engine's own default).
+                "defaults": {
+                    "temperature": model.sampling.temperature,
+                    "top_p": model.sampling.top_p,
+                    "max_tokens": model.limits.default_max_tokens,
+                },
             }
         )
     return {"models": listed}

@@ -269,7 +269,7 @@ _API_EVENT: Schema = {
 }
 _LLM: Schema = {
     "type": "object",
-    "required": ["id", "state", "replicas", "generate_route", "max_tokens_limit"],
+    "required": ["id", "state", "replicas", "generate_route", "max_tokens_limit", "defaults"],
     "properties": {
         "id": {"type": "string"},
         "state": {"enum": [*STATES, None]},
@@ -282,6 +282,15 @@ _LLM: Schema = {
         },
         "generate_route": {"enum": ["chat", "completions"]},
         "max_tokens_limit": {"type": "integer", "minimum": 1},
+        "defaults": {
+            "type": "object",
+            "description": "what a request that sends none gets (null: the engine's default)",
+            "properties": {
+                "temperature": {"type": ["number", "null"]},
+                "top_p": {"type": ["number", "null"]},
+                "max_tokens": {"type": "integer", "minimum": 1},
+            },
+        },
     },
 }
 

@@ -60,19 +60,31 @@ ASSETS: dict[str, tuple[str, str]] = {
 
 def swagger_ui_routes() -> APIRouter:
     """The page at ``PAGE`` and each of ``ASSETS`` under it; none in ``/openapi.json``."""
+    return page_routes(PAGE, "swagger-ui.html", ASSETS)
+
+
+def page_routes(page: str, html: str, assets: dict[str, tuple[str, str]]) -> APIRouter:
+    """One of the gateway's pages: ``html`` (a file of ``router/static``) at ``page``
+    with its headers (the strict CSP above), and each of ``assets`` under it, out of
+    ``/openapi.json``. A missing file stops the app at its start."""
     routes = APIRouter(include_in_schema=False)
-    page = (_OURS / "swagger-ui.html").read_text(encoding="utf-8")
-    for path, _ in ASSETS.values():
+    text = (_OURS / html).read_text(encoding="utf-8")
+    for path, _ in assets.values():
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path} is missing: is fastapi-offline installed?")
+            raise FileNotFoundError(f"{path} is missing from the installed package")
 
-    @routes.get(PAGE)
-    async def swagger_ui() -> HTMLResponse:
-        return HTMLResponse(page, headers=_PAGE_HEADERS)
+    @routes.get(page)
+    async def serve_page() -> HTMLResponse:
+        return HTMLResponse(text, headers=_PAGE_HEADERS)
 
-    for name, (path, media_type) in ASSETS.items():
-        routes.add_api_route(f"{PAGE}/{name}", _asset(path, media_type), methods=["GET"])
+    for name, (path, media_type) in assets.items():
+        routes.add_api_route(f"{page}/{name}", _asset(path, media_type), methods=["GET"])
     return routes
+
+
+def static_file(name: str) -> str:
+    """The path of ``router/static/<name>``, as installed."""
+    return str(_OURS / name)
 
 
 def _asset(path: str, media_type: str) -> Callable[[], Awaitable[FileResponse]]:

@@ -173,3 +173,55 @@ def execute(watch: BrowserWatch, path: str, body: dict[str, object]) -> tuple[st
     status = answer.locator(".response-col_status").inner_text().strip()
     shown = answer.locator(".response-col_description pre").first.inner_text()
     return status, shown
+
+
+# --- the chat page (/ui) --------------------------------------------------------------------
+
+# Installed in the page before a question is sent: every change of the last reply's text is
+# recorded with whether the reply was still streaming, so a test can tell a streamed
+# answer (text seen while streaming) from one that arrived whole.
+WATCH_REPLY = """() => {
+  window.__seen = [];
+  new MutationObserver(() => {
+    const replies = document.querySelectorAll('#conversation .turn.assistant');
+    const last = replies[replies.length - 1];
+    if (last) window.__seen.push({text: last.querySelector('.body').textContent,
+                                  state: last.dataset.state});
+  }).observe(document.getElementById('conversation'),
+             {subtree: true, childList: true, characterData: true, attributes: true});
+}"""
+
+
+def open_chat(watch: BrowserWatch, url: str, model: str, key: str | None = None) -> None:
+    """Open the chat page at ``url``, type ``key`` (if any), and pick ``model`` once the
+    page has listed it."""
+    page = watch.page
+    page.goto(url)
+    if key is not None:
+        page.fill("#api-key", key)
+        page.dispatch_event("#api-key", "change")
+    page.locator(f"#model option[value='{model}']").wait_for(state="attached")
+    page.select_option("#model", model)
+
+
+def ask(watch: BrowserWatch, text: str, *, max_tokens: int | None = None) -> None:
+    """Send ``text`` from the page (its reply then streams in)."""
+    page = watch.page
+    page.evaluate(WATCH_REPLY)
+    if max_tokens is not None:
+        page.fill("#max-tokens", str(max_tokens))
+    page.fill("#prompt", text)
+    page.click("#send")
+
+
+def last_reply_done(watch: BrowserWatch, timeout_s: float = 120) -> str:
+    """The last reply's text once it stopped streaming."""
+    reply = watch.page.locator("#conversation .turn.assistant").last
+    reply.and_(watch.page.locator("[data-state='done']")).wait_for(timeout=timeout_s * 1000)
+    return str(reply.locator(".body").inner_text())
+
+
+def seen_while_streaming(watch: BrowserWatch, word: str) -> bool:
+    """Whether ``word`` was in the last reply while it was still streaming."""
+    seen = watch.page.evaluate("() => window.__seen")
+    return any(word in s["text"] and s["state"] == "streaming" for s in seen)
