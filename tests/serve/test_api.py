@@ -96,7 +96,11 @@ def test_chat_streams_chunk_by_chunk_then_usage(client: openai.OpenAI) -> None:
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     bursts = 1 + sum(1 for gap in gaps if gap > 0.002)
     assert bursts >= 4, gaps
-    assert arrivals[-1] - arrivals[0] >= 0.3 * (arrivals[-1] - started), (started, arrivals)
+    # The span is judged on its own, not against the time to the first chunk: the prompt's
+    # prefill is not part of the relay, and on a busy box it alone took 2.75 s of a 3.4 s
+    # request (seen in CI) while the 40 tokens still arrived over 0.6 s in many reads.
+    # A buffered answer lands within a few milliseconds.
+    assert arrivals[-1] - arrivals[0] >= 0.1, (started, arrivals)
     assert usage is not None and usage.completion_tokens == 40
 
 
