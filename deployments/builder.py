@@ -208,6 +208,8 @@ def deployment_options(model: ModelConfig, log_format: str | None = None) -> dic
         actor["runtime_env"] = {"env_vars": dict(model.env)}
     if res.accelerator_type:
         actor["accelerator_type"] = res.accelerator_type
+    if res.custom and res.tensor_parallel_size == 1:
+        actor["resources"] = dict(res.custom)
     options: dict[str, Any] = {
         "name": model.id,
         "autoscaling_config": model.autoscaling.to_serve(),
@@ -222,12 +224,15 @@ def deployment_options(model: ModelConfig, log_format: str | None = None) -> dic
     if res.tensor_parallel_size > 1:
         # The replica actor sits in bundle 0 beside the first shard; vLLM's Ray
         # executor places one worker per GPU bundle, all packed on one node.
-        bundles: list[dict[str, float]] = [{"CPU": res.num_cpus, "GPU": 1.0}]
+        # The custom resources go with bundle 0, so the group lands on nodes that have them.
+        bundles: list[dict[str, float]] = [{"CPU": res.num_cpus, "GPU": 1.0, **res.custom}]
         bundles += [{"GPU": 1.0} for _ in range(res.tensor_parallel_size - 1)]
         options["placement_group_bundles"] = bundles
-        options["placement_group_strategy"] = "STRICT_PACK"
+        options["placement_group_strategy"] = res.placement_strategy or "STRICT_PACK"
     elif res.uses_gpu:
         actor["num_gpus"] = res.num_gpus
+    if res.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = res.max_replicas_per_node
     return options
 
 

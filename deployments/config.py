@@ -43,6 +43,7 @@ _RESERVED_ENGINE_ARGS = {
     "trust_remote_code": "trust_remote_code",
 }
 _HF_COMMIT = re.compile(r"@[0-9a-f]{40}$")
+_RAY_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 
 
 class ResourcesConfig(StrictModel):
@@ -72,13 +73,58 @@ class ResourcesConfig(StrictModel):
         "replica per node.",
     )
 
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each replica reserves, {name: amount}: a replica "
+        "only starts on a node that advertises them (ray start --resources='{\"llm\": 1}', "
+        "or rayStartParams on KubeRay), e.g. to keep a model on one node pool.",
+    )
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="Most replicas of this model on one node; more replicas spread to "
+        "other nodes (Ray Serve's max_replicas_per_node). Not with tensor_parallel_size > 1.",
+    )
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] | None = Field(
+        None,
+        description="tensor_parallel_size > 1 only: how the replica's placement group of "
+        "one-GPU bundles is placed (Ray's strategies). Default STRICT_PACK (all shards on one "
+        "node, what tensor parallelism needs).",
+    )
+
     @model_validator(mode="after")
     def _tp_needs_gpus(self) -> ResourcesConfig:
         if self.tensor_parallel_size > 1 and self.num_gpus == 0:
             raise ValueError("tensor_parallel_size > 1 needs num_gpus > 0")
         if self.cpu_cores is not None and self.num_gpus > 0:
             raise ValueError("cpu_cores binds a CPU engine; this model runs on GPUs")
+        if self.tensor_parallel_size > 1 and self.max_replicas_per_node is not None:
+            raise ValueError(
+                "max_replicas_per_node cannot be combined with tensor_parallel_size > 1 "
+                "(Ray Serve refuses it with a placement group)"
+            )
+        if self.placement_strategy is not None and self.tensor_parallel_size == 1:
+            raise ValueError(
+                "placement_strategy places a tensor_parallel_size > 1 replica's GPU bundles; "
+                "to spread one-engine replicas over nodes set max_replicas_per_node"
+            )
         return self
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_names(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in _RAY_BUILTIN_RESOURCES or name.startswith("accelerator_type:"):
+                raise ValueError(
+                    f"custom resource {name!r} is one of Ray's own; set num_cpus, num_gpus "
+                    "or accelerator_type instead"
+                )
+            if not re.fullmatch(r"[A-Za-z0-9_.:/-]{1,128}", name):
+                raise ValueError(f"custom resource name {name!r} is not a valid Ray resource name")
+            if amount <= 0:
+                raise ValueError(f"custom resource {name!r}: the amount must be > 0")
+        return value
 
     @property
     def uses_gpu(self) -> bool:

@@ -169,6 +169,66 @@ def test_tensor_parallel_model_reserves_packed_gpu_bundles() -> None:
     assert "num_gpus" not in options["ray_actor_options"]
 
 
+def _accepted_by_serve(options: dict[str, Any]) -> None:
+    """Ray Serve's own validation of the options (it runs when a deployment is made)."""
+    from ray import serve
+
+    class Replica:
+        pass
+
+    serve.deployment(**options)(Replica)
+
+
+def test_custom_resources_and_a_per_node_cap_reach_serve() -> None:
+    options = options_for(
+        resources={"num_cpus": 1, "custom": {"llm": 1}, "max_replicas_per_node": 1}
+    )
+    assert options["ray_actor_options"] == {"num_cpus": 1, "resources": {"llm": 1}}
+    assert options["max_replicas_per_node"] == 1
+    _accepted_by_serve(options)
+
+
+def test_tensor_parallel_custom_resources_go_with_bundle_zero() -> None:
+    options = options_for(
+        resources={
+            "num_gpus": 1,
+            "tensor_parallel_size": 2,
+            "custom": {"a100-pool": 1},
+            "placement_strategy": "PACK",
+        }
+    )
+    assert options["placement_group_bundles"] == [
+        {"CPU": 1.0, "GPU": 1.0, "a100-pool": 1},
+        {"GPU": 1.0},
+    ]
+    assert options["placement_group_strategy"] == "PACK"
+    assert "resources" not in options["ray_actor_options"]
+    assert "max_replicas_per_node" not in options
+    _accepted_by_serve(options)
+
+
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        ({"custom": {"CPU": 1}}, "one of Ray's own"),
+        ({"custom": {"accelerator_type:H100": 1}}, "one of Ray's own"),
+        ({"custom": {"llm": 0}}, "must be > 0"),
+        ({"custom": {"bad name": 1}}, "not a valid Ray resource name"),
+        ({"max_replicas_per_node": 0}, "greater than or equal to 1"),
+        ({"max_replicas_per_node": 101}, "less than or equal to 100"),
+        (
+            {"num_gpus": 1, "tensor_parallel_size": 2, "max_replicas_per_node": 1},
+            "cannot be combined with tensor_parallel_size",
+        ),
+        ({"placement_strategy": "SPREAD"}, "set max_replicas_per_node"),
+        ({"num_gpus": 1, "tensor_parallel_size": 2, "placement_strategy": "X"}, "PACK"),
+    ],
+)
+def test_placement_settings_are_validated(resources: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config({"models": [model("alpha", resources=resources)]}, {})
+
+
 def test_model_env_goes_into_the_replica_runtime_env() -> None:
     options = options_for(env={"VLLM_CPU_KVCACHE_SPACE": "2"})
     assert options["ray_actor_options"]["runtime_env"] == {
