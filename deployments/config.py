@@ -21,6 +21,7 @@ from llm_fleet.deployments.fleet_settings import (
     RouterConfig,
     StreamingConfig,
     StrictModel,
+    check_custom_resources,
 )
 
 __all__ = [
@@ -43,7 +44,6 @@ _RESERVED_ENGINE_ARGS = {
     "trust_remote_code": "trust_remote_code",
 }
 _HF_COMMIT = re.compile(r"@[0-9a-f]{40}$")
-_RAY_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 
 
 class ResourcesConfig(StrictModel):
@@ -114,17 +114,7 @@ class ResourcesConfig(StrictModel):
     @field_validator("custom")
     @classmethod
     def _custom_names(cls, value: dict[str, float]) -> dict[str, float]:
-        for name, amount in value.items():
-            if name in _RAY_BUILTIN_RESOURCES or name.startswith("accelerator_type:"):
-                raise ValueError(
-                    f"custom resource {name!r} is one of Ray's own; set num_cpus, num_gpus "
-                    "or accelerator_type instead"
-                )
-            if not re.fullmatch(r"[A-Za-z0-9_.:/-]{1,128}", name):
-                raise ValueError(f"custom resource name {name!r} is not a valid Ray resource name")
-            if amount <= 0:
-                raise ValueError(f"custom resource {name!r}: the amount must be > 0")
-        return value
+        return check_custom_resources(value)
 
     @property
     def uses_gpu(self) -> bool:

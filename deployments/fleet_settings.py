@@ -5,6 +5,7 @@ the router, the hop from model replicas to the router, and CPU binding
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -93,6 +94,24 @@ class StreamingConfig(StrictModel):
     )
 
 
+_RAY_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+def check_custom_resources(value: dict[str, float]) -> dict[str, float]:
+    """Ray custom resources ``{name: amount}``: not one of Ray's own, a valid name, > 0."""
+    for name, amount in value.items():
+        if name in _RAY_BUILTIN_RESOURCES or name.startswith("accelerator_type:"):
+            raise ValueError(
+                f"custom resource {name!r} is one of Ray's own; set num_cpus, num_gpus "
+                "or accelerator_type instead"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_.:/-]{1,128}", name):
+            raise ValueError(f"custom resource name {name!r} is not a valid Ray resource name")
+        if amount <= 0:
+            raise ValueError(f"custom resource {name!r}: the amount must be > 0")
+    return value
+
+
 class RouterConfig(StrictModel):
     """The OpenAI-compatible ingress deployment."""
 
@@ -103,6 +122,25 @@ class RouterConfig(StrictModel):
         description="Autoscaling of router replicas; each one only relays, so it scales wide.",
     )
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each router replica.")
+    custom_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each router replica reserves, {name: amount}: "
+        "keeps the router on the nodes that advertise them (CPU nodes, say, not the GPU "
+        "nodes whose loss would take a router replica with it).",
+    )
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="Most router replicas on one node: 1 spreads them, so losing a node "
+        "leaves the others answering.",
+    )
+
+    @field_validator("custom_resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(value)
+
     max_ongoing_requests: int = Field(
         1000, ge=1, description="Concurrent requests (mostly open streams) per router replica."
     )

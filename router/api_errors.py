@@ -16,7 +16,8 @@
     ├── HeadersTooLargeError         431 request headers over router.max_header_bytes
     ├── InternalServerError          500; its message never reaches the client
     ├── ServiceUnavailableError      503 no replica can take the request now
-    │   └── ModelNotReadyError       503 the model is loading, scaled to zero or failed
+    │   ├── ModelNotReadyError       503 the model is loading, scaled to zero or failed
+    │   └── ReplicaLostError         503 the replica running the request died (node lost)
     └── RequestTimeoutError          504 not answered within router.request_timeout_s
 
 ``APIError`` is a ``FleetError`` (``deployments/errors.py``). Code below the routes raises
@@ -211,6 +212,22 @@ class ModelNotReadyError(ServiceUnavailableError):
             f"Model '{model_id}' {why}; retry in {retry_after_s} s.",
             param="model",
             retry_after_s=retry_after_s,
+        )
+
+
+class ReplicaLostError(ServiceUnavailableError):
+    """The model replica serving the request died with it: its node was lost, its process
+    was killed. The request is lost; a retry goes to a surviving replica (Serve drops the
+    dead one from routing within a second and starts a replacement)."""
+
+    default_code = "replica_lost"
+    rejection = None  # not a refusal: the request was running
+
+    def __init__(self, model_id: str):
+        super().__init__(
+            f"The replica of model '{model_id}' serving this request was lost (its node or "
+            "process died); retry: another replica will answer.",
+            retry_after_s=1,
         )
 
 

@@ -32,13 +32,19 @@ LEFT_OUT_DEPLOYMENT = "left-out"  # a direct app whose model LLM_ALLOWED_MODELS 
 
 def router_options(config: FleetConfig) -> dict[str, Any]:
     router = config.router
-    return {
+    actor: dict[str, Any] = {"num_cpus": router.num_cpus}
+    if router.custom_resources:
+        actor["resources"] = dict(router.custom_resources)
+    options = {
         "name": ROUTER_DEPLOYMENT,
         "autoscaling_config": router.autoscaling.to_serve(),
         "max_ongoing_requests": router.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": router.num_cpus},
+        "ray_actor_options": actor,
         **logging_options(config.log_format),
     }
+    if router.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = router.max_replicas_per_node
+    return options
 
 
 def build_app(args: Mapping[str, Any]) -> Application:

@@ -10,14 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from llm_fleet.deployments.engine import EngineRequest, Reply, Route
-from llm_fleet.router.api_errors import InternalServerError, ServiceUnavailableError
+from llm_fleet.router.api_errors import (
+    InternalServerError,
+    ReplicaLostError,
+    ServiceUnavailableError,
+)
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+
+logger = logging.getLogger(__name__)
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the model replica died under the call (its actor or node is
+    gone), rather than that the request failed in a live replica."""
+    from ray.exceptions import NodeDiedError, RayActorError  # ActorDiedError is a RayActorError
+
+    return isinstance(exc, RayActorError | NodeDiedError)
 
 
 class ModelClient(Protocol):
@@ -79,5 +95,14 @@ class HandleModelClient:
                     response.cancel()  # type: ignore[no-untyped-call]
             raise
         except Exception as exc:
-            # Replica or actor failures: the detail goes to logs, never to the client.
+            # The detail goes to the log, never to the client.
+            logger.warning(
+                "request %s to model %s failed: %s: %s",
+                request_id,
+                self._model_id,
+                type(exc).__name__,
+                (str(exc).splitlines() or [""])[0][:300],  # Ray's first line, not its trace
+            )
+            if replica_lost(exc):
+                raise ReplicaLostError(self._model_id) from exc
             raise InternalServerError(f"model {self._model_id}: {type(exc).__name__}") from exc

@@ -384,3 +384,19 @@ def test_without_log_format_the_config_files_logging_config_decides() -> None:
     assert router_options(from_args)["logging_config"]["encoding"] == "JSON"
     with pytest.raises(ConfigError, match="LOG_FORMAT must be 'json' or 'pretty'"):
         load_config(ARGS, {"LOG_FORMAT": "xml"})
+
+
+def test_router_placement_reaches_serve() -> None:
+    config = load_config(
+        {
+            "router": {"custom_resources": {"gateway": 0.1}, "max_replicas_per_node": 1},
+            "models": [model("alpha")],
+        },
+        {},
+    )
+    options = router_options(config)
+    assert options["ray_actor_options"] == {"num_cpus": 0.5, "resources": {"gateway": 0.1}}
+    assert options["max_replicas_per_node"] == 1
+    _accepted_by_serve(options)
+    with pytest.raises(ConfigError, match=r"router.custom_resources: .*one of Ray's own"):
+        load_config({"router": {"custom_resources": {"GPU": 1}}, "models": [model("a")]}, {})

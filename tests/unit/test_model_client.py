@@ -8,9 +8,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from llm_fleet.router.api_errors import InternalServerError, ServiceUnavailableError
+from llm_fleet.router.api_errors import (
+    InternalServerError,
+    ReplicaLostError,
+    ServiceUnavailableError,
+)
 from llm_fleet.router.model_client import HandleModelClient
 
 
@@ -121,3 +126,25 @@ def test_other_failures_are_a_500_that_hides_the_detail() -> None:
     with pytest.raises(InternalServerError) as raised:
         asyncio.run(_drain(client))
     assert raised.value.message == "model m: RuntimeError"
+
+
+@pytest.mark.parametrize("where", ["at_call", "mid_stream"])
+@pytest.mark.parametrize(
+    "error",
+    [ActorUnavailableError("Actor is unavailable.", b"\0" * 16), ActorDiedError()],
+    ids=["unavailable", "died"],
+)
+def test_a_replica_lost_under_the_call_is_a_503_to_retry(
+    where: str, error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What Serve raises when the replica's node dies (seen on a real multi-node cluster:
+    ``ActorUnavailableError`` mid-stream, tests/process/test_cluster.py)."""
+    handle = FakeHandle(**{where: error})
+    client = HandleModelClient("m", handle)  # type: ignore[arg-type]
+    with pytest.raises(ReplicaLostError) as raised:
+        asyncio.run(_drain(client))
+    assert raised.value.status_code == 503
+    assert raised.value.code == "replica_lost"
+    assert raised.value.retry_after_s == 1
+    assert "model 'm'" in raised.value.message
+    assert f"to model m failed: {type(error).__name__}" in caplog.text
