@@ -294,25 +294,51 @@ def direct_model_config(
     return config, model_id
 
 
-def build_model_apps(
-    config: FleetConfig, engine_factory: EngineFactory | None = None
-) -> dict[str, Application]:
-    """One bound deployment per allowed model, keyed by model id (vLLM engines unless
-    ``engine_factory`` says otherwise). ``direct: true`` models are left out: their
-    replicas belong to their own app (``llm_fleet.router.builder.build_direct_app``)."""
+def model_app_config(
+    args: Mapping[str, Any], environ: Mapping[str, str]
+) -> tuple[FleetConfig, str]:
+    """The config and model id of a model app's ``args``: the fleet schema with exactly one
+    model (``llm_fleet.router.builder.build_model_app``). One that ``LLM_ALLOWED_MODELS``
+    leaves out is returned too (the app then serves no model)."""
+    listed = args.get("models")
+    if not isinstance(listed, list) or len(listed) != 1 or not isinstance(listed[0], Mapping):
+        count = len(listed) if isinstance(listed, list) else 0
+        raise ConfigError(f"args.models: a model app holds exactly one model, got {count}")
+    model_id = str(listed[0].get("id"))
+    # The allowlist names the fleet's models, most of them in other apps: here it only
+    # says whether this app's model is served.
+    rest = {k: v for k, v in environ.items() if k != ENV_ALLOWED_MODELS}
+    config = load_config(args, rest)
+    allowed = environ.get(ENV_ALLOWED_MODELS, "").strip()
+    if allowed and model_id not in _split(allowed):
+        config = config.model_copy(update={"models": []})
+    return config, model_id
+
+
+def bind_model(
+    config: FleetConfig, model: ModelConfig, engine_factory: EngineFactory | None = None
+) -> Application:
+    """``model``'s deployment, bound (a vLLM engine unless ``engine_factory`` says otherwise)."""
     from ray import serve
 
     from llm_fleet.deployments.model_deployment import ModelDeployment
 
+    return serve.deployment(**deployment_options(model, config.log_format))(ModelDeployment).bind(
+        model,
+        engine_factory,
+        cpu_binding=config.cpu_binding,
+        coalesce_frames=config.streaming.coalesce_frames,
+    )
+
+
+def build_model_apps(
+    config: FleetConfig, engine_factory: EngineFactory | None = None
+) -> dict[str, Application]:
+    """One bound deployment per allowed model, keyed by model id. ``direct: true`` models
+    are left out: their replicas belong to their own app
+    (``llm_fleet.router.builder.build_direct_app``)."""
     return {
-        model.id: serve.deployment(**deployment_options(model, config.log_format))(
-            ModelDeployment
-        ).bind(
-            model,
-            engine_factory,
-            cpu_binding=config.cpu_binding,
-            coalesce_frames=config.streaming.coalesce_frames,
-        )
+        model.id: bind_model(config, model, engine_factory)
         for model in config.models
         if not model.direct
     }

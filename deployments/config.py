@@ -325,8 +325,10 @@ class FleetConfig(StrictModel):
     """The whole app: the models to serve and the router in front of them."""
 
     models: list[ModelConfig] = Field(
-        min_length=1,
-        description="Every model that may be served. LLM_ALLOWED_MODELS narrows this list.",
+        default_factory=list,
+        description="The models served from this app. LLM_ALLOWED_MODELS narrows this list. "
+        "Empty in a router app whose models are apps of their own (import_path "
+        "llm_fleet.router.builder:build_model_app, one model each): the router follows them.",
     )
     router: RouterConfig = Field(
         default_factory=RouterConfig, description="Router (ingress) settings."

@@ -179,7 +179,7 @@ class ServiceUnavailableError(APIError):
     status_code = 503
     error_type = "service_unavailable"
     default_code = "service_unavailable"
-    rejection = "overload"
+    rejection: str | None = "overload"
 
 
 class ShuttingDownError(ServiceUnavailableError):

@@ -96,6 +96,7 @@ def create_app(
         tracer=tracer,
     )
     app = FastAPI(title="llm-fleet", docs_url=None, redoc_url=None)
+    app.state.pipeline = pipeline  # the router replica adds and removes model apps' models
     _install_error_handlers(app, echo_request_id)
     app.include_router(model_routes(pipeline))
     add_health_routes(app, pipeline.models, pipeline.source, pipeline.drain)

@@ -4,7 +4,9 @@ It reads the config once (``llm_fleet.deployments.builder.load_config``: schema,
 env overrides), binds one deployment per allowed model and puts the router in front.
 ``build_app``'s twin for a ``direct: true`` model is ``build_direct_app``
 (``import_path: llm_fleet.router.builder:build_direct_app``): that model's replicas as the ingress
-of an app of their own (``router/direct.py``).
+of an app of their own (``router/direct.py``). ``build_model_app`` makes one model's own app,
+``<fleet app>.<model id>``, which the router follows (``router/model_apps.py``): adding,
+changing or removing such an app restarts that model alone.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from ray import serve
 from ray.serve import Application
 
 from llm_fleet.deployments.builder import (
+    bind_model,
     build_model_apps,
     direct_deployment_options,
     direct_model_config,
     load_config,
     logging_options,
+    model_app_config,
 )
 from llm_fleet.deployments.config import FleetConfig
 from llm_fleet.deployments.model_deployment import EngineFactory
@@ -85,3 +89,23 @@ def build_direct(
     options = direct_deployment_options(model, config.log_format)
     deployment = serve.deployment(**options)(DirectModelIngress)
     return deployment.bind(config, model_id, engine_factory)
+
+
+def build_model_app(args: Mapping[str, Any]) -> Application:
+    """One model's own app from ``args`` holding that one model (the fleet schema: also
+    ``streaming``, ``cpu_binding``, ``log_format``, and ``router`` for a direct door's
+    keys). Name it ``<fleet app>.<model id>``: the fleet's router finds it there and
+    serves the model without a restart of its own (``router/model_apps.py``). With
+    ``direct: true`` the replicas are also the app's HTTP ingress, ``/m/<id>/v1`` (give
+    the app that ``route_prefix``); otherwise give it ``route_prefix: null``."""
+    config, model_id = model_app_config(args, os.environ)
+    return build_model(config, model_id)
+
+
+def build_model(
+    config: FleetConfig, model_id: str, engine_factory: EngineFactory | None = None
+) -> Application:
+    model = config.model(model_id)
+    if model is None or model.direct:
+        return build_direct(config, model_id, engine_factory)  # the left-out app, or direct
+    return bind_model(config, model, engine_factory)

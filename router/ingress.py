@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from ray import serve
 
 from llm_fleet.deployments.builder import direct_app_name
-from llm_fleet.deployments.config import FleetConfig
+from llm_fleet.deployments.config import FleetConfig, ModelConfig
 from llm_fleet.deployments.serve_logging import log_through_serve
 from llm_fleet.router.app import create_app
 from llm_fleet.router.auth import load_keyring
 from llm_fleet.router.drain import Drain
 from llm_fleet.router.metrics import RayRouterMetrics
+from llm_fleet.router.model_apps import ModelAppFollower
 from llm_fleet.router.model_client import HandleModelClient
 from llm_fleet.router.node_metrics import NodeMetrics
 from llm_fleet.router.shared_quota import SharedQuota
@@ -57,13 +59,26 @@ class RouterIngress:
             },
         }
         transport = config.streaming.handle_transport
-        clients = {
-            model_id: HandleModelClient(model_id, h, me, transport=transport)
-            for model_id, h in models.items()
-        }
+
+        def client(model_id: str, handle: DeploymentHandle[Any]) -> HandleModelClient:
+            return HandleModelClient(model_id, handle, me, transport=transport)
+
+        clients = {model_id: client(model_id, h) for model_id, h in models.items()}
         metrics = RayRouterMetrics()
-        self._board = ServeStatusBoard(apps, config, models, on_update=metrics.models_updated)
-        await self._board.start()
+
+        def add(model: ModelConfig, app: str) -> None:  # a model app the router follows
+            handle = serve.get_deployment_handle(model.id, app_name=app)
+            self._board.add_model(model, app, handle)
+            self._app.state.pipeline.add_model(model, client(model.id, handle))
+
+        def remove(model_id: str) -> None:
+            self._app.state.pipeline.remove_model(model_id)
+            self._board.remove_model(model_id)
+
+        follower = ModelAppFollower(app_name, set(apps), add, remove, os.environ)
+        self._board = ServeStatusBoard(
+            apps, config, models, on_update=metrics.models_updated, on_apps=follower.follow
+        )
         if self._keys is not None:
             await self._keys.start()
         self._quota = (
@@ -90,6 +105,8 @@ class RouterIngress:
             drain=self._drain,
             tracer=self._tracing,
         )
+        # Last: its first poll may add the model apps' models to the app made above.
+        await self._board.start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app

@@ -79,12 +79,22 @@ class Pipeline:
         drain: Drain | None = None,
         tracer: RequestTracer | None = None,
     ) -> None:
-        self.config, self.clients = config, clients
+        self.config, self.clients = config, dict(clients)
         self.models: dict[str, ModelConfig] = {m.id: m for m in config.models if m.id in clients}
         self.source, self.recorder, self.quota, self.keys = source, recorder, quota, keys
         self.drain = drain or Drain(None)
         self.gateway = gateway_principal(config.router.max_concurrent_requests)
         self.tracer = tracer
+
+    def add_model(self, model: ModelConfig, client: ModelClient) -> None:
+        """Serve ``model`` from now on (a model app the router found), or its new config."""
+        self.clients[model.id] = client
+        self.models[model.id] = model
+
+    def remove_model(self, model_id: str) -> None:
+        """Stop serving ``model_id``: new requests get 404; those in flight finish."""
+        self.models.pop(model_id, None)
+        self.clients.pop(model_id, None)
 
     def authenticate(self, request: Request) -> Principal | None:
         """The request's principal; with keys, none is a 401. Without keys: None."""
@@ -220,9 +230,12 @@ class Pipeline:
     ) -> tuple[AsyncIterator[str | Reply], str | Reply]:
         """Send the request to the model; its stream and first item (a whole answer is
         one item), awaited while the client stays, the model stays up and time is left."""
+        client = self.clients.get(model.id)
+        if client is None:  # its model app was removed since the request was admitted
+            raise ModelNotFoundError(model.id)
         record.dispatched()
         self.recorder.request_dispatched(record)
-        stream = self.clients[model.id].stream(route, body, record.request_id)
+        stream = client.stream(route, body, record.request_id)
         first_item = deadline.within(anext(stream))
         try:
             first = await unless_disconnected(

@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ray.serve.exceptions import RayServeException
 
 from llm_fleet.deployments.background import PeriodicLoop, Sleep, stop_task
-from llm_fleet.deployments.config import FleetConfig
+from llm_fleet.deployments.config import FleetConfig, ModelConfig
 from llm_fleet.deployments.replica_status import (
     GCS_ERRORS,
     STALE_AFTER_S,
@@ -45,11 +45,14 @@ class ServeStatusBoard:
         on_update: Callable[[dict[str, ModelStatus]], None] | None = None,
         *,
         sleep: Sleep = asyncio.sleep,
+        on_apps: Callable[[dict[str, str]], Awaitable[None]] | None = None,
     ):
         self._apps = dict(apps)  # model id -> the Serve app holding its deployment
         self._models = {m.id: m for m in config.models if m.id in handles}
         self._handles = dict(handles)
         self._on_update = on_update
+        # Each poll hands it every Serve app's status: the router follows model apps.
+        self._on_apps = on_apps
         self._statuses: dict[str, ModelStatus] = {}
         self._changed = asyncio.Event()
         self._wakes: dict[str, asyncio.Task[None]] = {}
@@ -95,12 +98,30 @@ class ServeStatusBoard:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=left)
 
+    def add_model(self, model: ModelConfig, app: str, handle: DeploymentHandle[Any]) -> None:
+        """Watch ``model`` (in Serve app ``app``) from the next poll on."""
+        self._apps[model.id], self._models[model.id], self._handles[model.id] = app, model, handle
+
+    def remove_model(self, model_id: str) -> None:
+        for table in (self._apps, self._models, self._handles):
+            table.pop(model_id, None)
+        self._statuses = {m: s for m, s in self._statuses.items() if m != model_id}
+
     async def poll(self) -> None:
         try:
-            statuses = await asyncio.to_thread(self._read)
+            statuses, apps = await asyncio.to_thread(self._read)
         except (*GCS_ERRORS, RayServeException) as exc:  # keep the last view; poll again
             logger.warning("could not read the models' status from Ray Serve: %s", exc)
             return
+        if self._on_apps is not None:
+            known = set(self._models)
+            await self._on_apps(apps)
+            if set(self._models) - known:  # a model app's model: gate its requests from now
+                try:
+                    statuses, _ = await asyncio.to_thread(self._read)
+                except (*GCS_ERRORS, RayServeException) as exc:
+                    logger.warning("could not read the models' status from Ray Serve: %s", exc)
+            statuses = {m: s for m, s in statuses.items() if m in self._models}
         self._statuses = statuses
         self._changed.set()
         if self._on_update is not None:
@@ -114,7 +135,8 @@ class ServeStatusBoard:
             response.cancel()  # type: ignore[no-untyped-call]
             logger.info("wake call to %s ended: %s", model_id, type(exc).__name__)
 
-    def _read(self) -> dict[str, ModelStatus]:
+    def _read(self) -> tuple[dict[str, ModelStatus], dict[str, str]]:
+        """The models' statuses, and every Serve app's status by name."""
         from ray import serve
 
         applications = serve.status().applications
@@ -134,7 +156,7 @@ class ServeStatusBoard:
             phases = read_phases(app_name, model_id)
             self._prune(app_name, model_id, phases, now)
             statuses[model_id] = derive_status(model, view, phases, now)
-        return statuses
+        return statuses, {name: _name(app.status) for name, app in applications.items()}
 
     def _prune(self, app_name: str, model_id: str, phases: Mapping[str, Any], now: float) -> None:
         """Drop entries of replicas long gone; keep the newest failure for its reason."""

@@ -119,12 +119,14 @@ def _chat(tokens: int, stream: bool) -> dict[str, Any]:
         "max_tokens": tokens,
         "ignore_eos": True,
         "stream": stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
     }
 
 
 def _stream(clock: Clock, tokens: int) -> dict[str, Any]:
-    """One streaming request: status, chunks, the first chunk's and the end's time, the
-    error frame's code and time if one came, whether ``[DONE]`` came."""
+    """One streaming request: status, chunks with text, tokens (from the usage chunk),
+    the first chunk's and the end's time, the error frame's code and time if one came,
+    whether ``[DONE]`` came."""
     out: dict[str, Any] = {"sent": clock.now(), "chunks": 0, "done": False}
     try:
         with httpx.stream(
@@ -142,6 +144,8 @@ def _stream(clock: Clock, tokens: int) -> dict[str, Any]:
                     if "error" in frame:
                         out["error_code"] = frame["error"]["code"]
                         out["error_at"] = clock.now()
+                    elif frame.get("usage"):
+                        out["tokens"] = frame["usage"]["completion_tokens"]
                     elif frame["choices"] and frame["choices"][0]["delta"].get("content"):
                         out["chunks"] += 1
                         out.setdefault("first_at", clock.now())
@@ -253,7 +257,6 @@ def run_cluster() -> ClusterRun:
 
     os.environ.update(local_cluster_env(os.environ))
     import ray
-    from ray import serve
     from ray.cluster_utils import Cluster
 
     run = ClusterRun()
@@ -270,9 +273,9 @@ def run_cluster() -> ClusterRun:
     except Exception as exc:  # noqa: BLE001 - the run reports what stopped it
         run.error = repr(exc)
     finally:
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
+        # No serve.shutdown(): after a node loss it can wait forever on the controller's
+        # graceful shutdown. The cluster is this run's own: stopping it stops Serve.
+        ray.shutdown()
         cluster.shutdown()
     return run
 

@@ -60,7 +60,7 @@ def test_a_burst_of_three_times_capacity_waits_its_turn_and_is_served_whole(
     assert len(burst) == BURST == 3 * CAPACITY
     for request in burst:
         assert request["status"] == 200, request
-        assert request["done"] and request["chunks"] == 48, request
+        assert request["done"] and request["tokens"] == 48, request
         assert "error_code" not in request and "exception" not in request, request
     # In order: Serve's queue hands requests to replicas oldest first. Batching in the
     # engine may swap neighbours; a random order would invert half of all pairs.
@@ -91,7 +91,7 @@ def test_past_the_bound_the_surplus_is_refused_at_once_with_retry_after(
         assert request["ended"] - request["sent"] < 5, request  # at once, not after a wait
     for request in overflow:
         if request["status"] == 200:
-            assert request["done"] and request["chunks"] == 16, request
+            assert request["done"] and request["tokens"] == 16, request
 
 
 def test_a_lost_node_ends_its_own_streams_with_an_error_frame_and_no_other(
@@ -107,7 +107,7 @@ def test_a_lost_node_ends_its_own_streams_with_an_error_frame_and_no_other(
         assert 0 <= stream["error_at"] - run["killed_at"] < 30, stream  # never a hang
     for stream in whole:
         assert stream["status"] == 200 and stream["done"], stream
-        assert stream["chunks"] == LONG_TOKENS, stream
+        assert stream["tokens"] == LONG_TOKENS, stream
 
 
 def test_the_router_answers_throughout_and_serve_restores_the_replica_on_a_new_node(

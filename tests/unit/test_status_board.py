@@ -34,12 +34,12 @@ def test_the_board_polls_every_interval_and_outlives_a_failed_poll(
     ]
     reads: list[float] = []
 
-    def read() -> dict[str, ModelStatus]:
+    def read() -> tuple[dict[str, ModelStatus], dict[str, str]]:
         reads.append(time.now)
         answer = answers[min(len(reads), len(answers)) - 1]
         if isinstance(answer, Exception):
             raise answer
-        return answer  # type: ignore[return-value]
+        return answer, {}  # type: ignore[return-value]
 
     async def scenario() -> list[str | None]:
         config = fleet_config(status_poll_interval_s=3.0)
