@@ -14,7 +14,10 @@ and those of where ``llm-fleet serve`` listens (``listen.py``: ``LLM_INFERENCE_P
 ``SERVER_SSL_ENABLED``...), whose TLS files it loads.
 It also checks the direct path's wiring: each ``direct: true`` model has an app with
 ``import_path: llm_fleet.router.builder:build_direct_app``, named ``<fleet app>.<model id>``, whose
-``direct_model`` is that model (README, Direct path).
+``direct_model`` is that model (README, Direct path); and the model apps
+(``import_path: llm_fleet.router.builder:build_model_app``, one model each): each named
+``<fleet app>.<model id>``, with ``route_prefix: null`` unless ``direct: true`` (then
+``/m/<id>``), every fleet app serving at least one model (README, Running on a cluster).
 
 Exit codes: 0 ok; 1 invalid config (a TLS file that does not load among them), no
 llm-fleet application in a file, or a model that failed to prepare; 2 usage error, or a
@@ -40,6 +43,7 @@ from llm_fleet.deployments.builder import (
     direct_app_name,
     direct_model_config,
     load_config,
+    model_app_config,
 )
 from llm_fleet.deployments.errors import ConfigError, ModelPreparationError
 from llm_fleet.deployments.weights import embedded
@@ -48,6 +52,7 @@ from llm_fleet.router import keys_file as keys
 
 APP_IMPORT_PATH = "llm_fleet.router.builder:build_app"
 DIRECT_IMPORT_PATH = "llm_fleet.router.builder:build_direct_app"
+MODEL_APP_IMPORT_PATH = "llm_fleet.router.builder:build_model_app"
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 Handler = Callable[[argparse.Namespace], int]
 
@@ -94,7 +99,8 @@ def _validate_app(where: str, app: Mapping[str, object], direct_apps: set[str]) 
     if not wanted <= direct_apps:
         return EXIT_INVALID
     models = ", ".join(f"{m.id} ({m.source})" for m in config.models)
-    print(f"{where} ({name}): ok, {len(config.models)} model(s): {models}")
+    own = f"{len(config.models)} model(s): {models}" if config.models else "the router"
+    print(f"{where} ({name}): ok, {own}")
     return EXIT_OK
 
 
@@ -114,6 +120,38 @@ def _validate_direct_app(where: str, app: Mapping[str, object], fleet_names: set
     what = (
         f"direct path of {model_id}"
         if config.model(model_id) is not None
+        else f"{model_id} is left out by LLM_ALLOWED_MODELS: this app serves no model"
+    )
+    print(f"{where} ({name}): ok, {what}")
+    return EXIT_OK
+
+
+def _validate_model_app(where: str, app: Mapping[str, object], fleet_names: set[str]) -> int:
+    """A model app: its one model valid, its name ``<fleet>.<id>``, its route right."""
+    args = _app_args(where, app)
+    if args is None:
+        return EXIT_INVALID
+    try:
+        config, model_id = model_app_config(args, os.environ)
+    except ConfigError as exc:
+        return _config_errors(where, exc)
+    name = str(app.get("name", "default"))
+    if name not in {direct_app_name(fleet, model_id) for fleet in fleet_names}:
+        expected = " or ".join(repr(direct_app_name(f, model_id)) for f in sorted(fleet_names))
+        _error(f"{where}: the model app of {model_id!r} must be named {expected}")
+        return EXIT_INVALID
+    model = config.model(model_id)
+    direct = bool(model is not None and model.direct)
+    route = app.get("route_prefix", "/")
+    wanted = f"/m/{model_id}" if direct else None
+    if route != wanted:
+        shown = "null" if wanted is None else wanted
+        why = "its direct door" if direct else "no HTTP route: the router serves it"
+        _error(f"{where}: route_prefix must be {shown} ({why}), got {route!r}")
+        return EXIT_INVALID
+    what = (
+        f"model {model_id} ({model.source}){', direct path too' if direct else ''}"
+        if model is not None
         else f"{model_id} is left out by LLM_ALLOWED_MODELS: this app serves no model"
     )
     print(f"{where} ({name}): ok, {what}")
@@ -145,6 +183,7 @@ def _validate_file(name: str) -> int:
             return EXIT_INVALID
     found = [(i, app) for i, app in listed if app.get("import_path") == APP_IMPORT_PATH]
     direct = [(i, app) for i, app in listed if app.get("import_path") == DIRECT_IMPORT_PATH]
+    model_apps = [(i, app) for i, app in listed if app.get("import_path") == MODEL_APP_IMPORT_PATH]
     if not found:
         _error(f"{name}: no application with import_path {APP_IMPORT_PATH}")
         return EXIT_INVALID
@@ -153,6 +192,17 @@ def _validate_file(name: str) -> int:
     codes = [_validate_app(f"{name}: applications[{i}]", app, direct_names) for i, app in found] + [
         _validate_direct_app(f"{name}: applications[{i}]", app, fleet_names) for i, app in direct
     ]
+    codes += [
+        _validate_model_app(f"{name}: applications[{i}]", app, fleet_names) for i, app in model_apps
+    ]
+    for index, app in found:
+        fleet = str(app.get("name", "default"))
+        own = (app.get("args") or {}).get("models") if isinstance(app.get("args"), Mapping) else []
+        if not own and not any(
+            str(a.get("name", "")).startswith(f"{fleet}.") for _, a in model_apps
+        ):
+            _error(f"{name}: applications[{index}] ({fleet}): no models, in its args or as apps")
+            codes.append(EXIT_INVALID)
     return _validate_listen(name, document, max(codes))
 
 

@@ -258,3 +258,36 @@ def test_installed_console_script_validates_the_local_config() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "serve_config.local.yaml: applications[0] (fleet): ok, 2 model(s)" in result.stdout
+
+
+def model_app(name: str, model_id: str, route: str | None = None, **fields: Any) -> dict[str, Any]:
+    model = {"id": model_id, "source": "embedded://smollm2-135m-instruct", **fields}
+    return {
+        "name": name,
+        "route_prefix": route,
+        "import_path": "llm_fleet.router.builder:build_model_app",
+        "args": {"models": [model]},
+    }
+
+
+def test_validate_checks_the_model_apps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = [fleet_app(), model_app("fleet.a", "a"), model_app("fleet.b", "b", "/m/b", direct=True)]
+    assert main(["validate", write_config(tmp_path, good)]) == 0
+    out = capsys.readouterr().out
+    assert "applications[0] (fleet): ok, the router" in out
+    assert (
+        "applications[2] (fleet.b): ok, model b (embedded://smollm2-135m-instruct), direct" in out
+    )
+    cases = [
+        ([fleet_app(), model_app("fleet.x", "a")], "the model app of 'a' must be named 'fleet.a'"),
+        ([fleet_app(), model_app("fleet.a", "a", "/a")], "route_prefix must be null"),
+        ([fleet_app(), model_app("fleet.b", "b", None, direct=True)], "must be /m/b"),
+        ([fleet_app()], "(fleet): no models, in its args or as apps"),
+    ]
+    for applications, message in cases:
+        assert main(["validate", write_config(tmp_path, applications)]) == 1
+        assert message in capsys.readouterr().err
+    two = model_app("fleet.a", "a")
+    two["args"]["models"].append({"id": "c", "source": "embedded://c"})
+    assert main(["validate", write_config(tmp_path, [fleet_app(), two])]) == 1
+    assert "a model app holds exactly one model, got 2" in capsys.readouterr().err

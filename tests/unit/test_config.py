@@ -211,11 +211,28 @@ def _fleet_apps(filename: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("filename", ["serve_config.local.yaml", "serve_config.yaml"])
-def test_repo_config_validates(filename: str) -> None:
-    apps = _fleet_apps(filename)
-    assert apps, f"{filename} has no {APP_IMPORT_PATH} application"
-    for app in apps:
-        assert load_config(app["args"], {}).models
+def test_repo_config_validates(filename: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from llm_fleet.cli.main import main
+
+    document = yaml.safe_load((REPO / filename).read_text())
+    ServeDeploySchema.model_validate(document)  # Serve's own schema of the file
+    assert _fleet_apps(filename), f"{filename} has no {APP_IMPORT_PATH} application"
+    assert main(["validate", str(REPO / filename)]) == 0, capsys.readouterr().err
+
+
+def test_production_config_serves_each_model_from_an_app_of_its_own() -> None:
+    document = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    (fleet,) = _fleet_apps("serve_config.yaml")
+    assert load_config(fleet["args"], {}).models == []
+    model_apps = [a for a in document["applications"] if a["name"] != fleet["name"]]
+    assert [a["name"] for a in model_apps] == [
+        "fleet.llama-3.1-8b-instruct",
+        "fleet.qwen2.5-7b-instruct",
+        "fleet.llama-3.3-70b-instruct",
+    ]
+    assert all(a["route_prefix"] is None for a in model_apps)
 
 
 def test_local_config_needs_no_gpu_and_no_network() -> None:
@@ -224,3 +241,16 @@ def test_local_config_needs_no_gpu_and_no_network() -> None:
     assert [m.id for m in config.models] == ["smollm2-135m-instruct", "gemma-3-270m"]
     assert all(m.source == f"embedded://{m.id}" for m in config.models)
     assert not any(m.resources.uses_gpu for m in config.models)
+
+
+def test_kuberay_serve_config_validates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from llm_fleet.cli.main import main
+
+    service = yaml.safe_load((REPO / "infra/kuberay/rayservice.yaml").read_text())
+    document = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(document)
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
