@@ -23,7 +23,7 @@ VLLM026_STAMP := $(VLLM026_VENV)/.installed
 # The engine contract on the fake and the real engine, and the API smoke tests.
 VLLM026_TESTS := tests/contract tests/serve/test_contract_real.py tests/serve/test_api.py
 
-.PHONY: install models serve test test-unit wheel-check drain-check cluster-check test-vllm026 gpu-kit gpu-rehearsal lint bench clean \
+.PHONY: install models serve test test-unit wheel-check drain-check cluster-check lifecycle-check test-vllm026 gpu-kit gpu-rehearsal lint bench clean \
 	prometheus chromium
 
 install: $(STAMP) $(MIRROR_STAMP)
@@ -78,6 +78,10 @@ drain-check: models
 # the bound, a node lost under streams; prints what every request got (its own cluster).
 cluster-check: models
 	$(BIN)/python -m tests.process.cluster_run
+
+# Models added, changed and removed by serve deploy while another one serves (its own cluster).
+lifecycle-check: models
+	$(BIN)/python -m tests.process.lifecycle_run
 
 test-unit: $(STAMP) prometheus chromium
 	$(BIN)/python -m pytest tests/unit tests/contract

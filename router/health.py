@@ -3,7 +3,8 @@
 - ``GET /health/live``: 200 while the gateway answers; the body lists each model.
 - ``GET /health/ready``: 200 only when every model with ``min_replicas > 0`` has a
   running replica, else 503. Models scaled to zero (``min_replicas: 0``) never hold
-  readiness back. Until the router's first status read, nothing counts as ready.
+  readiness back. Until the router's first status read, nothing counts as ready; nor
+  while it serves no model at all (its model apps not found yet).
 
 Both bodies: ``{"status", "models": {id: {"state", "reason", "required_for_readiness",
 "replicas": {"running", "starting", "min", "max"}, "loading_for_s", "placement"}}}``;
@@ -51,6 +52,8 @@ def _models_body(
 
 
 def is_ready(models: Mapping[str, ModelConfig], statuses: Mapping[str, ModelStatus]) -> bool:
+    if not models:  # a router whose model apps it has not found yet serves nothing
+        return False
     for model_id, model in models.items():
         if model.autoscaling.min_replicas == 0:
             continue

@@ -67,7 +67,8 @@ class RouterIngress:
         metrics = RayRouterMetrics()
 
         def add(model: ModelConfig, app: str) -> None:  # a model app the router follows
-            handle = serve.get_deployment_handle(model.id, app_name=app)
+            # The app may still be building: its deployment appears a moment later.
+            handle = serve.get_deployment_handle(model.id, app_name=app, _check_exists=False)
             self._board.add_model(model, app, handle)
             self._app.state.pipeline.add_model(model, client(model.id, handle))
 

@@ -153,10 +153,19 @@ class ModelAppFollower:
             logger.info("model %s: its app is gone; no longer served", model_id)
             self._remove(model_id)
             del self._followed[model_id]
+        complete = True
         for model_id, model in wanted.items():
             if self._followed.get(model_id) != model:
                 what = "now served" if model_id not in self._followed else "config updated"
+                try:
+                    self._add(model, direct_app_name(self._fleet_app, model_id))
+                except Exception as exc:  # noqa: BLE001 - one app must not stop the others
+                    logger.warning(
+                        "model %s: could not follow its app (%r); retrying", model_id, exc
+                    )
+                    complete = False
+                    continue
                 logger.info("model %s (app %s%s): %s", model_id, prefix, model_id, what)
-                self._add(model, direct_app_name(self._fleet_app, model_id))
                 self._followed[model_id] = model
-        self._last_seen = candidates
+        if complete:  # else the next poll reads again
+            self._last_seen = candidates

@@ -148,3 +148,29 @@ def test_a_model_added_to_the_pipeline_is_served_and_a_removed_one_is_404() -> N
     assert during.status_code == 200, during.text
     assert after.status_code == 404 and after.json()["error"]["code"] == "model_not_found"
     assert still.status_code == 200
+
+
+def test_an_app_that_cannot_be_followed_yet_is_retried_next_poll(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Serve lists an app a moment before its deployment exists."""
+    recorder, failures = Recorder(), [KeyError("Deployment(name='b') does not exist.")]
+    reads: list[int] = []
+
+    def add(model: ModelConfig, app_name: str) -> None:
+        if failures:
+            raise failures.pop()
+        recorder.add(model, app_name)
+
+    def read() -> dict[str, AppConfig]:
+        reads.append(1)
+        return {"fleet.b": app("b")}
+
+    follower = ModelAppFollower("fleet", set(), add, recorder.remove, {}, read)
+    apps = {"fleet": "RUNNING", "fleet.b": "DEPLOYING"}
+    asyncio.run(follower.follow(apps))
+    assert recorder.calls == [] and "model b: could not follow its app" in caplog.text
+    asyncio.run(follower.follow(apps))  # the same statuses: read and tried again
+    assert recorder.calls == [("add", "fleet.b")] and len(reads) == 2
+    asyncio.run(follower.follow(apps))
+    assert len(reads) == 2

@@ -298,3 +298,10 @@ def test_a_stream_already_relaying_is_not_cut_by_the_status() -> None:
     assert response.status_code == 200
     assert response.text.rstrip().endswith("data: [DONE]")
     assert '"error"' not in response.text
+
+
+def test_a_router_serving_no_model_yet_is_not_ready() -> None:
+    """A router app whose models are apps of their own, none found yet."""
+    from llm_fleet.router.health import is_ready
+
+    assert is_ready({}, {}) is False

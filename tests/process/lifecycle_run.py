@@ -1,0 +1,262 @@
+"""Models added, changed and removed while serving, with the real vLLM engine.
+
+``llm-fleet serve`` (the launcher: a local cluster, ``serve run FILE``) starts the router
+app and model A, each model an app of its own (``build_model_app``). While one client
+keeps asking A (streams and whole answers in turn), ``serve deploy`` applies three
+files in turn, the way an operator would:
+
+1. B added (its own app, ``fleet.<B>``);
+2. B changed (its limits and autoscaling; Serve redeploys B's app alone);
+3. B removed.
+
+After each it waits for the router to follow (B listed and answering; B's new limit
+enforced; B gone, 404). ``run_lifecycle`` returns every request A got, the pids of A's
+replica and of the router replica before and after, and what B answered at each step;
+``make lifecycle-check`` prints it, ``tests/process/test_lifecycle.py`` checks it. It
+starts its own Ray cluster (loopback, port 8128): ``make test`` runs it after the shared
+fleet is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+from tests.process.launcher_run import launched, wait_ready
+
+PORT = 8128
+URL = f"http://127.0.0.1:{PORT}"
+MODEL_A = "smollm2-135m-instruct"
+MODEL_B = "smollm2-b"  # the same small weights under a second id: a second engine
+B_LIMIT = 64  # B's max_tokens_limit once changed
+
+
+def _model(model_id: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "source": "embedded://smollm2-135m-instruct",
+        "engine_args": {
+            "max_model_len": 1024,
+            "max_num_seqs": 8,
+            "kv_cache_memory_bytes": 134217728,
+        },
+        "resources": {"num_cpus": 0.2},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        **fields,
+    }
+
+
+def _model_app(model: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": f"fleet.{model['id']}",
+        "route_prefix": None,
+        "import_path": "llm_fleet.router.builder:build_model_app",
+        "args": {"models": [model]},
+    }
+
+
+def config(b: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Serve config: the router app, A's app, and B's app when ``b`` is given."""
+    applications = [
+        {
+            "name": "fleet",
+            "route_prefix": "/",
+            "import_path": "llm_fleet.router.builder:build_app",
+            "args": {
+                "router": {"num_cpus": 0.1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                "models": [],
+            },
+        },
+        _model_app(_model(MODEL_A)),
+    ]
+    if b is not None:
+        applications.append(_model_app(b))
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": PORT},
+        "applications": applications,
+    }
+
+
+B_ADDED = _model(MODEL_B)
+B_CHANGED = _model(
+    MODEL_B,
+    limits={"default_max_tokens": 32, "max_tokens_limit": B_LIMIT},
+    autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
+)
+
+
+@dataclass
+class LifecycleRun:
+    """What A's client got and where A and the router ran, before and after."""
+
+    ready: bool = False
+    pids_before: dict[str, list[int]] = field(default_factory=dict)  # "A", "router", "B"
+    pids_after: dict[str, list[int]] = field(default_factory=dict)
+    b_pids_changed: list[int] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)  # each serve deploy
+    a_requests: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    log: str | None = None
+
+
+def _replica_pids(app: str, deployment: str) -> list[int]:
+    """The pids of the Serve replica actors of ``deployment`` in ``app``."""
+    title = f"ray::ServeReplica:{app}:{deployment}"
+    pids = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith(title) and not cmdline[0].startswith(f"{title}."):
+            pids.append(process.pid)
+    return sorted(pids)
+
+
+def _pids() -> dict[str, list[int]]:
+    return {
+        "A": _replica_pids(f"fleet.{MODEL_A}", MODEL_A),
+        "router": _replica_pids("fleet", "router"),
+        "B": _replica_pids(f"fleet.{MODEL_B}", MODEL_B),
+    }
+
+
+def _ask(model: str, max_tokens: int = 8, stream: bool = False) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+    try:
+        reply = httpx.post(f"{URL}/v1/chat/completions", json=body, timeout=120)
+    except httpx.HTTPError as exc:
+        return {"exception": repr(exc)}
+    out: dict[str, Any] = {"status": reply.status_code}
+    if reply.status_code != 200:
+        out["error"] = reply.json().get("error", {})
+    elif stream:
+        out["done"] = reply.text.rstrip().endswith("data: [DONE]")
+        out["error_frame"] = '"error"' in reply.text
+    return out
+
+
+def _keep_asking_a(stop: threading.Event, out: list[dict[str, Any]]) -> None:
+    stream = False
+    while not stop.is_set():
+        started = time.time()
+        record = {"at": started, "stream": stream, **_ask(MODEL_A, stream=stream)}
+        out.append(record)
+        stream = not stream
+
+
+def _listed() -> list[str]:
+    return [m["id"] for m in httpx.get(f"{URL}/v1/models", timeout=10).json()["data"]]
+
+
+def _until(predicate: Any, timeout_s: float) -> float | None:
+    """Seconds until ``predicate()`` held, or None after ``timeout_s``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        try:
+            if predicate():
+                return round(time.monotonic() - started, 2)
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass  # the answer is not there yet
+        time.sleep(1)
+    return None
+
+
+def _serve_deploy(document: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    serve = Path(sys.executable).with_name("serve")
+    done = subprocess.run(
+        [str(serve), "deploy", str(path), "--address", "http://127.0.0.1:8265"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        # The cluster's token (~/.ray/auth_token) is sent only in token mode.
+        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"},
+    )
+    return {"step": name, "deploy_rc": done.returncode, "deploy_out": done.stderr[-800:]}
+
+
+def _b_answers() -> bool:
+    return MODEL_B in _listed() and _ask(MODEL_B)["status"] == 200
+
+
+def _b_limit_enforced() -> bool:
+    answer = _ask(MODEL_B, max_tokens=B_LIMIT + 1)
+    return answer.get("status") == 400 and str(B_LIMIT) in answer["error"].get("message", "")
+
+
+def _b_gone() -> bool:
+    return MODEL_B not in _listed() and _ask(MODEL_B).get("status") == 404
+
+
+def run_lifecycle(ready_timeout_s: float = 600) -> LifecycleRun:
+    run = LifecycleRun()
+    work = Path(tempfile.mkdtemp(prefix="llm-fleet-lifecycle-"))
+    with launched(config(), grace_s=0) as launcher:
+        run.log = str(launcher.log)
+        run.ready = wait_ready(launcher, f"{URL}/health/ready", ready_timeout_s)
+        if not run.ready:
+            run.error = "the fleet did not get ready"
+            return run
+        run.pids_before = _pids()
+        stop = threading.Event()
+        asker = threading.Thread(target=_keep_asking_a, args=(stop, run.a_requests))
+        asker.start()
+        try:
+            time.sleep(3)
+            steps = [
+                ("add", config(B_ADDED), _b_answers),
+                ("change", config(B_CHANGED), _b_limit_enforced),
+                ("remove", config(), _b_gone),
+            ]
+            for name, document, done in steps:
+                step = {"started": time.time(), **_serve_deploy(document, work, name)}
+                step["followed_after_s"] = _until(done, 420)
+                if name == "change":
+                    # B's replica is replaced: B answers again from a new one.
+                    step["answering_after_s"] = _until(_b_answers, 420)
+                    run.b_pids_changed = _pids()["B"]
+                step["pids"] = _pids()
+                run.steps.append(step)
+                if step["followed_after_s"] is None:
+                    run.error = f"the router did not follow step {name!r}"
+                    break
+            time.sleep(3)
+        finally:
+            stop.set()
+            asker.join(150)
+        run.pids_after = _pids()
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the run here as JSON (default: print it)")
+    args = parser.parse_args()
+    run = dataclasses.asdict(run_lifecycle())
+    if args.json:
+        Path(args.json).write_text(json.dumps(run, indent=1))
+    else:
+        print(json.dumps(run, indent=1))
+
+
+if __name__ == "__main__":
+    main()
