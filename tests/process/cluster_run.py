@@ -24,8 +24,6 @@ runs it after the shared fleet is gone.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import threading
@@ -35,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from tests.process.launcher_run import report_main
 
 PORT = 8127
 URL = f"http://127.0.0.1:{PORT}"
@@ -281,15 +281,7 @@ def run_cluster() -> ClusterRun:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the run here as JSON (default: print it)")
-    args = parser.parse_args()
-    run = dataclasses.asdict(run_cluster())
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(run, out, indent=1)
-    else:
-        print(json.dumps(run, indent=1))
+    report_main(__doc__ or "", run_cluster)
 
 
 if __name__ == "__main__":

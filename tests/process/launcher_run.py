@@ -9,13 +9,16 @@ machine: ``make test`` runs this folder after the shared fleet is gone.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import os
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,3 +136,36 @@ def wait_gone(
         if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     ]
     return code, took_s, left
+
+
+def report_main(doc: str, run: Callable[[], Any]) -> None:
+    """A run module's ``main``: ``run()`` (a dataclass) as JSON, to ``--json PATH`` or stdout."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--json", help="write the run here as JSON (default: print it)")
+    args = parser.parse_args()
+    text = json.dumps(dataclasses.asdict(run()), indent=1)
+    if args.json:
+        Path(args.json).write_text(text)
+    else:
+        print(text)
+
+
+def recorded_run(module: str, work: Path, timeout_s: float) -> dict[str, Any]:
+    """Run ``python -m module --json`` in a session of its own (its whole tree killed
+    after it, whatever it left) and return what it wrote; fails with its log's end."""
+    out, log = work / "run.json", work / "run.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, "--json", str(out)],
+            cwd=REPO,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            process.wait(timeout_s)
+        finally:
+            kill_tree(process.pid)
+    assert out.exists(), log.read_text()[-5000:]
+    recorded: dict[str, Any] = json.loads(out.read_text())
+    return recorded

@@ -19,9 +19,6 @@ fleet is gone.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -36,7 +33,7 @@ import httpx
 import psutil
 import yaml
 
-from tests.process.launcher_run import launched, wait_ready
+from tests.process.launcher_run import launched, report_main, wait_ready
 
 PORT = 8128
 URL = f"http://127.0.0.1:{PORT}"
@@ -248,14 +245,7 @@ def run_lifecycle(ready_timeout_s: float = 600) -> LifecycleRun:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the run here as JSON (default: print it)")
-    args = parser.parse_args()
-    run = dataclasses.asdict(run_lifecycle())
-    if args.json:
-        Path(args.json).write_text(json.dumps(run, indent=1))
-    else:
-        print(json.dumps(run, indent=1))
+    report_main(__doc__ or "", run_lifecycle)
 
 
 if __name__ == "__main__":

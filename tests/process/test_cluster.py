@@ -8,42 +8,23 @@ one part of what it recorded."""
 from __future__ import annotations
 
 import itertools
-import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from llm_fleet.cli.launcher import kill_tree
 from tests.process.cluster_run import BOUND, BURST, CAPACITY, LONG_TOKENS, OVERFLOW
+from tests.process.launcher_run import recorded_run
 
 pytestmark = [pytest.mark.own_cluster, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 1500
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("cluster-run")
-    out, log = work / "run.json", work / "run.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.process.cluster_run", "--json", str(out)],
-            cwd=REPO,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            process.wait(RUN_TIMEOUT_S)
-        finally:
-            kill_tree(process.pid)  # the cluster's processes too, if it did not stop them
-    assert out.exists(), log.read_text()[-5000:]
-    recorded: dict[str, Any] = json.loads(out.read_text())
-    assert recorded["error"] is None, (recorded["error"], log.read_text()[-5000:])
+    recorded = recorded_run("tests.process.cluster_run", work, RUN_TIMEOUT_S)
+    assert recorded["error"] is None, (recorded["error"], (work / "run.log").read_text()[-5000:])
     return recorded
 
 

@@ -6,40 +6,22 @@ own; each test reads one part of it."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from llm_fleet.cli.launcher import kill_tree
+from tests.process.launcher_run import recorded_run
 
 pytestmark = [pytest.mark.own_cluster, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 1800
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("lifecycle-run")
-    out, log = work / "run.json", work / "run.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.process.lifecycle_run", "--json", str(out)],
-            cwd=REPO,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            process.wait(RUN_TIMEOUT_S)
-        finally:
-            kill_tree(process.pid)
-    assert out.exists(), log.read_text()[-5000:]
-    recorded: dict[str, Any] = json.loads(out.read_text())
+    recorded = recorded_run("tests.process.lifecycle_run", work, RUN_TIMEOUT_S)
     launcher_log = Path(recorded["log"]).read_text()[-5000:] if recorded["log"] else ""
     assert recorded["error"] is None, (recorded["error"], recorded["steps"], launcher_log)
     return recorded
