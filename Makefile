@@ -135,6 +135,7 @@ lint: $(STAMP)
 bench: models
 	$(BIN)/python bench/serve_bench.py
 	$(BIN)/python bench/router_ceiling.py
+	$(BIN)/python bench/prefix_affinity.py
 
 clean:
 	rm -rf $(VENV) $(MIRROR_VENV) $(VLLM026_VENV) .mypy_cache .ruff_cache .pytest_cache

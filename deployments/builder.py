@@ -89,18 +89,31 @@ def _env_float(environ: Mapping[str, str], name: str) -> float | None:
 
 
 def apply_allowlist(config: FleetConfig, allowed: str | None) -> FleetConfig:
-    """Keep only the models named in ``allowed`` (None or blank keeps them all)."""
+    """Keep only the models named in ``allowed`` (None or blank keeps them all).
+
+    A model's adapters are served with it; if ``allowed`` names some of them, only those.
+    Naming an adapter without its model is an error (the adapter runs on its replicas).
+    """
     if allowed is None or not allowed.strip():
         return config
     wanted = _split(allowed)
-    configured = {m.id for m in config.models}
+    configured = {m.id for m in config.models} | {a.id for m in config.models for a in m.adapters}
     unknown = [name for name in wanted if name not in configured]
     if unknown:
         raise ConfigError(
             f"{ENV_ALLOWED_MODELS} names models that are not configured: {', '.join(unknown)} "
             f"(configured: {', '.join(sorted(configured))})"
         )
-    models = [m for m in config.models if m.id in wanted]
+    models = []
+    for model in config.models:
+        named = [a for a in model.adapters if a.id in wanted]
+        if named and model.id not in wanted:
+            raise ConfigError(
+                f"{ENV_ALLOWED_MODELS} names adapter(s) {', '.join(a.id for a in named)} "
+                f"without their model {model.id!r}: list it too"
+            )
+        if model.id in wanted:
+            models.append(model.model_copy(update={"adapters": named or model.adapters}))
     return config.model_copy(update={"models": models})
 
 
@@ -233,7 +246,18 @@ def deployment_options(model: ModelConfig, log_format: str | None = None) -> dic
         actor["num_gpus"] = res.num_gpus
     if res.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = res.max_replicas_per_node
+    affinity = model.prefix_affinity
+    if affinity.enabled:
+        options["request_router_config"] = {
+            "request_router_class": CONSISTENT_HASH_ROUTER,
+            "request_router_kwargs": {"num_fallback_replicas": affinity.fallback_replicas},
+        }
     return options
+
+
+# Ray Serve's request router for session stickiness: a hash ring over the replicas,
+# keyed by the handle call's session id (the router sets it from the prompt's start).
+CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
 
 
 # How many requests a direct model's replica may be refusing at once, beyond those it
@@ -310,8 +334,13 @@ def model_app_config(
     rest = {k: v for k, v in environ.items() if k != ENV_ALLOWED_MODELS}
     config = load_config(args, rest)
     allowed = environ.get(ENV_ALLOWED_MODELS, "").strip()
-    if allowed and model_id not in _split(allowed):
-        config = config.model_copy(update={"models": []})
+    if allowed:
+        ours = {m.id for m in config.models} | {a.id for m in config.models for a in m.adapters}
+        mine = [name for name in _split(allowed) if name in ours]
+        if mine:
+            config = apply_allowlist(config, ",".join(mine))
+        else:
+            config = config.model_copy(update={"models": []})
     return config, model_id
 
 

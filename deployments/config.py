@@ -25,6 +25,7 @@ from llm_fleet.deployments.fleet_settings import (
 )
 
 __all__ = [
+    "AdapterConfig",
     "AutoscalingConfig",
     "CpuBindingConfig",
     "FleetConfig",
@@ -201,6 +202,61 @@ class UnavailablePolicy(StrictModel):
     )
 
 
+def _check_source(value: str) -> str:
+    if not value.startswith(SOURCE_SCHEMES):
+        raise ValueError(f"source must start with one of {', '.join(SOURCE_SCHEMES)}")
+    if value.startswith("hf://") and not re.fullmatch(r"hf://[^/@\s]+/[^/@\s]+(@\S+)?", value):
+        raise ValueError("hf:// sources look like hf://org/name@revision")
+    if value.startswith("s3://") and not re.fullmatch(r"s3://[a-z0-9.\-]{3,63}(/\S*)?", value):
+        raise ValueError("s3:// sources look like s3://bucket/prefix")
+    return value
+
+
+class AdapterConfig(StrictModel):
+    """A LoRA adapter of its model, served under its own id on the model's replicas."""
+
+    id: str = Field(
+        pattern=MODEL_ID_PATTERN,
+        description="The name clients send as 'model' for this adapter; listed in /v1/models.",
+    )
+    source: str = Field(
+        description="Where the adapter comes from (PEFT's adapter_config.json and "
+        "adapter_model.safetensors): 's3://bucket/prefix', 'hf://org/name@revision', or a "
+        "local folder. Checked as the model's own weights are (its require_checksums, "
+        "allow_moving_revision and allow_pickle).",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if value.startswith("embedded://"):
+            raise ValueError("an adapter's source is s3://, hf:// or a local folder")
+        return _check_source(value)
+
+
+class PrefixAffinity(StrictModel):
+    """Prefix-affine routing: requests whose prompts start alike go to the same replica,
+    so vLLM's prefix cache holds their shared start (a system prompt, a conversation so
+    far). The router hashes the first ``prefix_chars`` characters of the messages (or the
+    prompt) into the handle call's session id; Ray Serve's ``ConsistentHashRouter`` maps
+    it to a replica on a hash ring, trying ``fallback_replicas`` others when that one is
+    full. Off by default: see README, Performance, for what it measured here."""
+
+    enabled: bool = Field(False, description="Route by the prompt's start (see above).")
+    prefix_chars: int = Field(
+        4096,
+        ge=64,
+        description="Characters of the prompt's start (roles and contents of the messages, "
+        "in order; or the prompt) that pick the replica.",
+    )
+    fallback_replicas: int = Field(
+        2,
+        ge=0,
+        description="Replicas tried, in ring order, when the chosen one is at "
+        "max_ongoing_requests (0: wait for it).",
+    )
+
+
 class ModelConfig(StrictModel):
     """One served model: its weights, engine, replicas and limits."""
 
@@ -291,26 +347,54 @@ class ModelConfig(StrictModel):
         "the router reaches the same replicas (README, Direct path).",
     )
 
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list,
+        description="LoRA adapters served on this model's replicas, each under its own id "
+        "(vLLM's LoRA: enable_lora is set, max_loras defaults to min(4, adapters), "
+        "max_lora_rank to 16; set them in engine_args). A replica loads an adapter on its "
+        "first request and Serve's multiplexing sends that adapter's next requests to "
+        "replicas that have it loaded.",
+    )
+    prefix_affinity: PrefixAffinity = Field(
+        default_factory=PrefixAffinity,
+        description="Send requests that share a prompt start to the same replica.",
+    )
+    max_adapters_per_replica: int = Field(
+        8,
+        ge=1,
+        description="Adapters one replica keeps loaded; past it the least recently used one "
+        "is unloaded (Serve's multiplexing).",
+    )
+
     @field_validator("source")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if not value.startswith(SOURCE_SCHEMES):
-            raise ValueError(f"source must start with one of {', '.join(SOURCE_SCHEMES)}")
-        if value.startswith("hf://") and not re.fullmatch(r"hf://[^/@\s]+/[^/@\s]+(@\S+)?", value):
-            raise ValueError("hf:// sources look like hf://org/name@revision")
-        if value.startswith("s3://") and not re.fullmatch(r"s3://[a-z0-9.\-]{3,63}(/\S*)?", value):
-            raise ValueError("s3:// sources look like s3://bucket/prefix")
-        return value
+        return _check_source(value)
 
     @model_validator(mode="after")
     def _pinned_revision(self) -> ModelConfig:
-        moving = self.source.startswith("hf://") and not _HF_COMMIT.search(self.source)
-        if moving and not self.allow_moving_revision:
-            raise ValueError(
-                "hf:// sources need a pinned commit (hf://org/name@<40-hex sha>); "
-                "set allow_moving_revision: true to follow a branch or tag"
-            )
+        for source in [self.source, *(a.source for a in self.adapters)]:
+            moving = source.startswith("hf://") and not _HF_COMMIT.search(source)
+            if moving and not self.allow_moving_revision:
+                raise ValueError(
+                    "hf:// sources need a pinned commit (hf://org/name@<40-hex sha>); "
+                    "set allow_moving_revision: true to follow a branch or tag"
+                )
+        ids = [self.id, *(a.id for a in self.adapters)]
+        if len({i.lower() for i in ids}) != len(ids):
+            raise ValueError("adapter ids must differ from each other and from the model's id")
         return self
+
+    def adapter(self, adapter_id: str) -> AdapterConfig | None:
+        return next((a for a in self.adapters if a.id == adapter_id), None)
+
+    def adapter_views(self) -> dict[str, ModelConfig]:
+        """Each adapter as the router serves it: this model's settings (limits, sampling,
+        availability) under the adapter's id."""
+        return {
+            a.id: self.model_copy(update={"id": a.id, "adapters": [], "direct": False})
+            for a in self.adapters
+        }
 
     @field_validator("engine_args")
     @classmethod
@@ -355,9 +439,10 @@ class FleetConfig(StrictModel):
     def _unique_ids(cls, value: list[ModelConfig]) -> list[ModelConfig]:
         seen: set[str] = set()
         for model in value:
-            if model.id.lower() in seen:
-                raise ValueError(f"model id {model.id!r} is configured twice")
-            seen.add(model.id.lower())
+            for served in [model.id, *(a.id for a in model.adapters)]:
+                if served.lower() in seen:
+                    raise ValueError(f"model id {served!r} is configured twice")
+                seen.add(served.lower())
             if model.id.lower() == "router":
                 raise ValueError("model id 'router' is reserved for the ingress deployment")
         return value

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 Route = Literal["chat", "completions"]
@@ -38,6 +39,10 @@ ENGINE_DEAD = "engine_dead"
 
 class EngineDeadError(Exception):
     """The engine can serve no more requests: the replica must be replaced."""
+
+
+class AdapterLoadError(Exception):
+    """A LoRA adapter could not be loaded into the engine (its files, its rank...)."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,15 @@ class LLMEngine(Protocol):
 
         An async generator: closing it before its end aborts the generation.
         """
+        ...
+
+    async def load_adapter(self, adapter_id: str, path: Path) -> None:
+        """Load the LoRA adapter in ``path``; requests whose ``model`` is ``adapter_id``
+        are served with it from then on. Raises ``AdapterLoadError`` if it cannot."""
+        ...
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        """Forget a loaded adapter (its requests then need a new load)."""
         ...
 
     async def check_health(self) -> None:

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from llm_fleet.deployments.cpu_placement import (
 )
 from llm_fleet.deployments.engine import (
     ENGINE_DEAD,
+    AdapterLoadError,
     EngineDeadError,
     EngineInfo,
     EngineRequest,
@@ -35,7 +36,7 @@ from llm_fleet.deployments.errors import exception_reason
 from llm_fleet.deployments.frame_coalescing import coalesce_frames
 from llm_fleet.deployments.replica_status import Phase, PhaseReporter
 from llm_fleet.deployments.serve_logging import log_through_serve
-from llm_fleet.deployments.weights import resolve_weights
+from llm_fleet.deployments.weights import resolve_adapter, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,50 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+class LoadedAdapter:
+    """An adapter loaded in this replica's engine. Serve's multiplexing unloads the least
+    recently used one past ``max_adapters_per_replica``: it awaits the object's
+    ``__del__`` if it has one. Set on the instance, not the class, so that the garbage
+    collector (which calls a class's ``__del__`` without awaiting) leaves it alone."""
+
+    def __init__(self, engine: LLMEngine, adapter_id: str):
+        self.engine, self.adapter_id = engine, adapter_id
+        self.__del__ = self.unload
+
+    async def unload(self) -> None:
+        await self.engine.unload_adapter(self.adapter_id)
+
+
+def _adapter_loader(
+    load: Callable[[str], Awaitable[LoadedAdapter]], keep: int
+) -> Callable[[str], Awaitable[LoadedAdapter]]:
+    """``load`` through Serve's multiplexing inside a Serve replica: it keeps ``keep``
+    adapters loaded and tells Serve's routers which, so that an adapter's requests go to
+    replicas that have it. Outside Serve (unit tests), a plain cache of ``keep``."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        loaded: dict[str, LoadedAdapter] = {}
+
+        async def cached(adapter_id: str) -> LoadedAdapter:
+            if adapter_id not in loaded:
+                if len(loaded) >= keep:
+                    oldest = next(iter(loaded))
+                    await loaded.pop(oldest).unload()
+                loaded[adapter_id] = await load(adapter_id)
+            return loaded[adapter_id]
+
+        return cached
+
+    async def loader(adapter_id: str) -> LoadedAdapter:  # a function: Serve sets attributes on it
+        return await load(adapter_id)
+
+    return serve.multiplexed(max_num_models_per_replica=keep)(loader)  # type: ignore[no-any-return]
+
+
 class ModelDeployment:
     """Loads the model's weights, starts its engine and serves the engine contract.
 
@@ -161,6 +206,10 @@ class ModelDeployment:
             self._report("downloading" if model.source.startswith(_REMOTE_SCHEMES) else "loading")
             # In a thread: a download must not stall the replica's event loop.
             path = await asyncio.to_thread(resolve_weights, model)
+            # Every adapter verified before the engine starts; each loads on first use.
+            self._adapter_paths = {
+                a.id: await asyncio.to_thread(resolve_adapter, model, a) for a in model.adapters
+            }
             self._report("loading")
             cores = bind_engine_cores(model, cpu_binding or CpuBindingConfig())
             self._engine = (engine_factory or vllm_engine_factory)(model, path)
@@ -169,8 +218,15 @@ class ModelDeployment:
             if self._phase is not None:
                 self._phase.set("failed", exception_reason(exc))
             raise
+        self._use_adapter = _adapter_loader(self._load_adapter, model.max_adapters_per_replica)
         placement: dict[str, Any] = {"node_id": _node_id(), "cpu_cores": None}
         self._report("serving", {**placement, **(cores.as_json() if cores else {})})
+
+    async def _load_adapter(self, adapter_id: str) -> LoadedAdapter:
+        assert self._engine is not None
+        await self._engine.load_adapter(adapter_id, self._adapter_paths[adapter_id])
+        logger.info("model %s: adapter %s loaded", self._model.id, adapter_id)
+        return LoadedAdapter(self._engine, adapter_id)
 
     def _report(self, phase: Phase, placement: dict[str, Any] | None = None) -> None:
         if self._phase is not None:
@@ -186,6 +242,19 @@ class ModelDeployment:
         if self._engine_died is not None:
             yield self._dead_reply()
             return
+        adapter = request.body.get("model")
+        if adapter != self._model.id and adapter in self._adapter_paths:
+            try:
+                await self._use_adapter(adapter)
+            except AdapterLoadError as exc:
+                logger.error("model %s: %s", self._model.id, exc)
+                yield error_reply(
+                    503,
+                    f"Adapter '{adapter}' could not be loaded; operators: see the replica log.",
+                    error_type="service_unavailable",
+                    code="adapter_load_failed",
+                )
+                return
         if not await self._queue.enter():
             yield self._full_reply()
             return

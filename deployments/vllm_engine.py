@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from llm_fleet.deployments.config import ModelConfig
 from llm_fleet.deployments.engine import (
     CONTEXT_LENGTH_EXCEEDED,
+    AdapterLoadError,
     EngineDeadError,
     EngineInfo,
     Reply,
@@ -54,6 +55,12 @@ def engine_kwargs(model: ModelConfig, model_path: Path) -> dict[str, Any]:
     }
     if model.resources.tensor_parallel_size > 1:
         kwargs.setdefault("distributed_executor_backend", "ray")
+    if model.adapters:
+        kwargs.setdefault("enable_lora", True)
+        kwargs.setdefault("max_loras", min(4, len(model.adapters)))
+        kwargs.setdefault("max_lora_rank", 16)
+        # The adapters a replica keeps loaded (multiplexing) stay in vLLM's CPU cache.
+        kwargs.setdefault("max_cpu_loras", max(kwargs["max_loras"], model.max_adapters_per_replica))
     return kwargs
 
 
@@ -156,6 +163,7 @@ class VLLMEngine:
         self._client: AsyncLLM | None = None
         self._chat: Any = None
         self._completion: Any = None
+        self._models: Any = None  # vLLM's OpenAIServingModels: the base model and the LoRAs
 
     async def start(self) -> EngineInfo:
         from starlette.datastructures import State
@@ -188,6 +196,7 @@ class VLLMEngine:
         state = State()
         tasks = await self._client.get_supported_tasks()
         await init_app_state(self._client, state, args, supported_tasks=tasks)
+        self._models = state.openai_serving_models
         self._chat = getattr(state, "openai_serving_chat", None)
         self._completion = getattr(state, "openai_serving_completion", None)
         max_len = int(vllm_config.model_config.max_model_len)
@@ -245,6 +254,33 @@ class VLLMEngine:
                 yield frame
         else:
             yield Reply(status=200, body=result.model_dump(mode="json"))
+
+    async def load_adapter(self, adapter_id: str, path: Path) -> None:
+        """Through vLLM's serving layer (what its /v1/load_lora_adapter does): the chat
+        and completion layers then serve ``model: adapter_id`` with the LoRA."""
+        try:
+            from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+        except ImportError:  # vLLM 0.26
+            from vllm.entrypoints.openai.protocol import (  # type: ignore[no-redef]
+                LoadLoRAAdapterRequest,
+            )
+        request = LoadLoRAAdapterRequest(lora_name=adapter_id, lora_path=str(path))
+        result = await self._models.load_lora_adapter(request)
+        if not isinstance(result, str):  # an ErrorResponse
+            raise AdapterLoadError(f"adapter {adapter_id!r}: {result.error.message}")
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        try:
+            from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+        except ImportError:  # vLLM 0.26
+            from vllm.entrypoints.openai.protocol import (  # type: ignore[no-redef]
+                UnloadLoRAAdapterRequest,
+            )
+        result = await self._models.unload_lora_adapter(
+            UnloadLoRAAdapterRequest(lora_name=adapter_id)
+        )
+        if not isinstance(result, str):
+            logger.warning("unloading adapter %s: %s", adapter_id, result.error.message)
 
     def _raise_if_dead(self) -> None:
         """EngineDeadError if vLLM's engine core died (``AsyncLLM.errored``): the

@@ -60,20 +60,51 @@ class RouterIngress:
         }
         transport = config.streaming.handle_transport
 
-        def client(model_id: str, handle: DeploymentHandle[Any]) -> HandleModelClient:
-            return HandleModelClient(model_id, handle, me, transport=transport)
+        def client(
+            model_id: str, handle: DeploymentHandle[Any], model: ModelConfig
+        ) -> HandleModelClient:
+            affinity = model.prefix_affinity
+            chars = affinity.prefix_chars if affinity.enabled else None
+            return HandleModelClient(
+                model_id, handle, me, transport=transport, affinity_chars=chars
+            )
 
-        clients = {model_id: client(model_id, h) for model_id, h in models.items()}
+        def served(model: ModelConfig, handle: DeploymentHandle[Any]) -> dict[str, Any]:
+            """The model's client and one per adapter: Serve's multiplexing sends an
+            adapter's requests to replicas that have it loaded."""
+            return {
+                model.id: client(model.id, handle, model),
+                **{
+                    a.id: client(a.id, handle.options(multiplexed_model_id=a.id), model)
+                    for a in model.adapters
+                },
+            }
+
+        clients = {
+            k: v
+            for m in config.models
+            if m.id in models
+            for k, v in served(m, models[m.id]).items()
+        }
         metrics = RayRouterMetrics()
+        followed: dict[str, ModelConfig] = {}
 
         def add(model: ModelConfig, app: str) -> None:  # a model app the router follows
             # The app may still be building: its deployment appears a moment later.
             handle = serve.get_deployment_handle(model.id, app_name=app, _check_exists=False)
+            if model.id in followed:
+                remove(model.id)  # a changed config: its adapters may differ
             self._board.add_model(model, app, handle)
-            self._app.state.pipeline.add_model(model, client(model.id, handle))
+            views = {model.id: model, **model.adapter_views()}
+            for served_id, served_client in served(model, handle).items():
+                self._app.state.pipeline.add_model(views[served_id], served_client)
+            followed[model.id] = model
 
         def remove(model_id: str) -> None:
-            self._app.state.pipeline.remove_model(model_id)
+            model = followed.pop(model_id, None)
+            adapters = [a.id for a in model.adapters] if model is not None else []
+            for served_id in [model_id, *adapters]:
+                self._app.state.pipeline.remove_model(served_id)
             self._board.remove_model(model_id)
 
         follower = ModelAppFollower(app_name, set(apps), add, remove, os.environ)

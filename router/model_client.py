@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from llm_fleet.deployments.engine import EngineRequest, Reply, Route
@@ -36,6 +38,31 @@ def replica_lost(exc: BaseException) -> bool:
     return isinstance(exc, RayActorError | NodeDiedError)
 
 
+def prefix_key(route: Route, body: dict[str, Any], chars: int) -> str:
+    """A short hash of the first ``chars`` characters of the request's prompt: the roles
+    and text of its messages in order (chat), or its prompt (completions)."""
+    if route == "chat":
+        parts = []
+        for message in body.get("messages") or []:
+            if isinstance(message, dict):
+                content = message.get("content")
+                text = content if isinstance(content, str) else json.dumps(content)
+                parts.append(f"{message.get('role')}\x1f{text}\x1e")
+        start = "".join(parts)[:chars]
+    else:
+        prompt = body.get("prompt")
+        start = (prompt if isinstance(prompt, str) else json.dumps(prompt))[:chars]
+    return hashlib.blake2b(start.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+# How many times a request is sent again when its replica died before answering.
+REPLICA_LOST_RETRIES = 2
+
+
+class _ReplicaLost(Exception):
+    """Inside ``HandleModelClient``: the call's replica died (the cause is Ray's error)."""
+
+
 class ModelClient(Protocol):
     def stream(
         self, route: Route, body: dict[str, Any], request_id: str
@@ -53,8 +80,11 @@ class HandleModelClient:
         handle: DeploymentHandle[Any],
         caller: str | None = None,
         transport: Literal["actor", "grpc"] = "actor",
+        affinity_chars: int | None = None,
     ):
         self._model_id = model_id
+        # Prefix-affine routing: the prompt's first characters key the replica.
+        self._affinity_chars = affinity_chars
         if transport == "grpc":
             # Serve's replica-to-replica gRPC channel; items travel pickled, by value.
             handle = handle.options(
@@ -68,15 +98,45 @@ class HandleModelClient:
     async def stream(
         self, route: Route, body: dict[str, Any], request_id: str
     ) -> AsyncIterator[str | Reply]:
+        """The call's items. A replica lost before it sent anything (its node died just
+        as Serve handed it the request) is not the client's problem: the call is made
+        again, up to ``REPLICA_LOST_RETRIES`` times, and Serve, which marked that replica
+        unavailable, sends it to another. Once an item has gone out, it is a 503
+        ``replica_lost`` (an error frame, mid-stream)."""
+        for attempt in range(REPLICA_LOST_RETRIES + 1):
+            sent = False
+            try:
+                # Closed on the way out, whatever ends it: closing cancels the call,
+                # which aborts the generation (a client that left).
+                async with contextlib.aclosing(self._call(route, body, request_id)) as items:
+                    async for item in items:
+                        sent = True
+                        yield item
+                return
+            except _ReplicaLost as lost:
+                if sent or attempt == REPLICA_LOST_RETRIES:
+                    raise ReplicaLostError(self._model_id) from lost.__cause__
+                logger.warning(
+                    "request %s to model %s: its replica was lost before answering; sent again",
+                    request_id,
+                    self._model_id,
+                )
+
+    async def _call(
+        self, route: Route, body: dict[str, Any], request_id: str
+    ) -> AsyncGenerator[str | Reply, None]:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         response: DeploymentResponseGenerator[str | Reply] | None = None
         try:
             # Inside the try: a full queue may refuse the call itself, and an escaped
             # BackPressureError would reach the client as Serve's plain-text 503.
+            handle = self._handle
+            if self._affinity_chars is not None:
+                handle = handle.options(session_id=prefix_key(route, body, self._affinity_chars))
             response = cast(
                 "DeploymentResponseGenerator[str | Reply]",
-                self._handle.generate.remote(EngineRequest(route, body, request_id, self._caller)),
+                handle.generate.remote(EngineRequest(route, body, request_id, self._caller)),
             )
             async for item in response:
                 yield item
@@ -104,5 +164,5 @@ class HandleModelClient:
                 (str(exc).splitlines() or [""])[0][:300],  # Ray's first line, not its trace
             )
             if replica_lost(exc):
-                raise ReplicaLostError(self._model_id) from exc
+                raise _ReplicaLost() from exc
             raise InternalServerError(f"model {self._model_id}: {type(exc).__name__}") from exc

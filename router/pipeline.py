@@ -80,7 +80,9 @@ class Pipeline:
         tracer: RequestTracer | None = None,
     ) -> None:
         self.config, self.clients = config, dict(clients)
-        self.models: dict[str, ModelConfig] = {m.id: m for m in config.models if m.id in clients}
+        # The models and their adapters (each under its own id) that have a client.
+        served = {k: v for m in config.models for k, v in {m.id: m, **m.adapter_views()}.items()}
+        self.models: dict[str, ModelConfig] = {k: v for k, v in served.items() if k in clients}
         self.source, self.recorder, self.quota, self.keys = source, recorder, quota, keys
         self.drain = drain or Drain(None)
         self.gateway = gateway_principal(config.router.max_concurrent_requests)

@@ -50,6 +50,8 @@ class ServeStatusBoard:
         self._apps = dict(apps)  # model id -> the Serve app holding its deployment
         self._models = {m.id: m for m in config.models if m.id in handles}
         self._handles = dict(handles)
+        # An adapter's state is its model's: it runs on the model's replicas.
+        self._aliases = {a.id: m.id for m in self._models.values() for a in m.adapters}
         self._on_update = on_update
         # Each poll hands it every Serve app's status: the router follows model apps.
         self._on_apps = on_apps
@@ -75,12 +77,14 @@ class ServeStatusBoard:
             await stop_task(task)
 
     def status(self, model_id: str) -> ModelStatus | None:
-        return self._statuses.get(model_id)
+        return self._statuses.get(self._aliases.get(model_id, model_id))
 
     def snapshot(self) -> dict[str, ModelStatus]:
-        return dict(self._statuses)
+        aliased = {a: self._statuses[m] for a, m in self._aliases.items() if m in self._statuses}
+        return {**self._statuses, **aliased}
 
     def wake(self, model_id: str) -> None:
+        model_id = self._aliases.get(model_id, model_id)
         pending = self._wakes.get(model_id)
         if pending is None or pending.done():
             self._wakes[model_id] = asyncio.create_task(self._wake(model_id))
@@ -100,12 +104,18 @@ class ServeStatusBoard:
 
     def add_model(self, model: ModelConfig, app: str, handle: DeploymentHandle[Any]) -> None:
         """Watch ``model`` (in Serve app ``app``) from the next poll on."""
+        self._remove_aliases(model.id)
         self._apps[model.id], self._models[model.id], self._handles[model.id] = app, model, handle
+        self._aliases.update({a.id: model.id for a in model.adapters})
 
     def remove_model(self, model_id: str) -> None:
+        self._remove_aliases(model_id)
         for table in (self._apps, self._models, self._handles):
             table.pop(model_id, None)
         self._statuses = {m: s for m, s in self._statuses.items() if m != model_id}
+
+    def _remove_aliases(self, model_id: str) -> None:
+        self._aliases = {a: m for a, m in self._aliases.items() if m != model_id}
 
     async def poll(self) -> None:
         try:

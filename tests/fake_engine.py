@@ -11,11 +11,15 @@ fake cannot drift from the real engine on what ``tests/contract`` checks:
 - prompt + a requested ``max_tokens`` over the context is refused with a 400 naming
   the context length (vLLM alone would shrink ``max_tokens``; our engine refuses);
 - a prompt that alone fills the context is refused the same way.
+
+A request whose ``model`` is a loaded adapter (``load_adapter``) answers in upper case,
+so a test can tell the adapter's answer from the base model's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncGenerator
@@ -26,6 +30,7 @@ from typing import Any
 from llm_fleet.deployments.config import ModelConfig
 from llm_fleet.deployments.engine import (
     CONTEXT_LENGTH_EXCEEDED,
+    AdapterLoadError,
     EngineDeadError,
     EngineInfo,
     Reply,
@@ -95,6 +100,8 @@ class FakeEngine:
         self.bodies: list[dict[str, Any]] = []  # every request body it got, in order
         self._started = False
         self._dead = False
+        self.adapters: dict[str, Path] = {}  # loaded, by id
+        self.adapter_loads: list[str] = []  # every load, in order
 
     @classmethod
     def from_config(cls, model: ModelConfig, path: Path) -> FakeEngine:
@@ -163,6 +170,8 @@ class FakeEngine:
         if isinstance(plan, Reply):
             yield plan
             return
+        if body.get("model") in self.adapters:
+            plan = dataclasses.replace(plan, tokens=[t.upper() for t in plan.tokens])
         chat = route == "chat"
         head = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
@@ -208,6 +217,15 @@ class FakeEngine:
             return
         whole = choice(" ".join(plan.tokens), plan.finish_reason, role=True)
         yield Reply(status=200, body={**head, "choices": [whole], "usage": usage})
+
+    async def load_adapter(self, adapter_id: str, path: Path) -> None:
+        if not (path / "adapter_config.json").is_file():
+            raise AdapterLoadError(f"adapter {adapter_id!r}: no adapter_config.json in {path}")
+        self.adapters[adapter_id] = path
+        self.adapter_loads.append(adapter_id)
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        self.adapters.pop(adapter_id, None)
 
     def die(self) -> None:
         """The engine dies, its process alive (vLLM's engine core gone): ``generate``

@@ -215,6 +215,8 @@ def make_fleet(
             clients[model.id], handles[model.id] = replica_client(
                 model, engines[model.id], **(handle_options or {})
             )
+            for adapter in model.adapters:  # the same replica, as the router does
+                clients[adapter.id] = HandleModelClient(adapter.id, handles[model.id])  # type: ignore[arg-type]
     clients.update(extra_clients or {})
     app = create_app(
         config,

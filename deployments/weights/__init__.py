@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llm_fleet.deployments.config import ModelConfig
+from llm_fleet.deployments.config import AdapterConfig, ModelConfig
 from llm_fleet.deployments.errors import ModelPreparationError
 from llm_fleet.deployments.weights import embedded
 from llm_fleet.deployments.weights.cache import LoadPolicy, WeightStore, fetch_to_cache
@@ -41,14 +41,26 @@ def resolve_weights(model: ModelConfig) -> Path:
     source = parse_source(model.source)
     if source.scheme == "embedded":
         return embedded.prepare(source.location)
+    dummy = model.engine_args.get("load_format") == "dummy"
+    return _resolve(model, source, "config.json", "model", checked=not dummy)
+
+
+def resolve_adapter(model: ModelConfig, adapter: AdapterConfig) -> Path:
+    """Return a local folder holding ``adapter``'s verified files (PEFT's layout), under
+    ``model``'s rules (``require_checksums``, ``allow_pickle``)."""
+    return _resolve(model, parse_source(adapter.source), "adapter_config.json", "adapter")
+
+
+def _resolve(
+    model: ModelConfig, source: Source, marker: str, what: str, checked: bool = True
+) -> Path:
     policy = LoadPolicy(allow_pickle=model.allow_pickle, require_checksums=model.require_checksums)
     if source.scheme == "local":
         folder = Path(source.location)
-        if not (folder / "config.json").is_file():
-            raise ModelPreparationError(f"{folder} holds no model (config.json is missing)")
-        if model.engine_args.get("load_format") == "dummy":
-            return folder
-        names = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
-        check_file_types(names, allow_pickle=policy.allow_pickle, source=str(folder))
+        if not (folder / marker).is_file():
+            raise ModelPreparationError(f"{folder} holds no {what} ({marker} is missing)")
+        if checked:
+            names = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+            check_file_types(names, allow_pickle=policy.allow_pickle, source=str(folder))
         return folder
     return fetch_to_cache(store_for(source), source.cache_key(), policy)

@@ -5,7 +5,8 @@ app and model A, each model an app of its own (``build_model_app``). While one c
 keeps asking A (streams and whole answers in turn), ``serve deploy`` applies three
 files in turn, the way an operator would:
 
-1. B added (its own app, ``fleet.<B>``);
+1. B added (its own app, ``fleet.<B>``), with a LoRA adapter served under its own id
+   (``tests/lora_adapter.py`` makes it); B's and the adapter's greedy answers are kept;
 2. B changed (its limits and autoscaling; Serve redeploys B's app alone);
 3. B removed.
 
@@ -89,12 +90,19 @@ def config(b: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-B_ADDED = _model(MODEL_B)
-B_CHANGED = _model(
-    MODEL_B,
-    limits={"default_max_tokens": 32, "max_tokens_limit": B_LIMIT},
-    autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
-)
+ADAPTER = "smollm2-b-pirate"  # a LoRA adapter of B (tests/lora_adapter.py)
+
+
+def b_added(adapter: Path) -> dict[str, Any]:
+    return _model(MODEL_B, adapters=[{"id": ADAPTER, "source": str(adapter)}])
+
+
+def b_changed(adapter: Path) -> dict[str, Any]:
+    return {
+        **b_added(adapter),
+        "limits": {"default_max_tokens": 32, "max_tokens_limit": B_LIMIT},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
+    }
 
 
 @dataclass
@@ -105,6 +113,8 @@ class LifecycleRun:
     pids_before: dict[str, list[int]] = field(default_factory=dict)  # "A", "router", "B"
     pids_after: dict[str, list[int]] = field(default_factory=dict)
     b_pids_changed: list[int] = field(default_factory=list)
+    # B's greedy answers to one prompt, by B and by its adapter (twice), while B served.
+    lora: dict[str, Any] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)  # each serve deploy
     a_requests: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
@@ -201,12 +211,46 @@ def _b_limit_enforced() -> bool:
 
 
 def _b_gone() -> bool:
-    return MODEL_B not in _listed() and _ask(MODEL_B).get("status") == 404
+    gone = {MODEL_B, ADAPTER}.isdisjoint(_listed())
+    return gone and _ask(MODEL_B).get("status") == 404 and _ask(ADAPTER).get("status") == 404
+
+
+def _greedy(model: str) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write one sentence about ships."}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    reply = httpx.post(f"{URL}/v1/chat/completions", json=body, timeout=300)
+    if reply.status_code != 200:
+        return {"status": reply.status_code, "error": reply.text[:400]}
+    answer = reply.json()
+    return {
+        "status": 200,
+        "model": answer["model"],
+        "text": answer["choices"][0]["message"]["content"],
+    }
+
+
+def _lora() -> dict[str, Any]:
+    """The adapter next to its model: listed, and its greedy answer against B's."""
+    return {
+        "listed": ADAPTER in _listed(),
+        "base": _greedy(MODEL_B),
+        "adapter": _greedy(ADAPTER),
+        "adapter_again": _greedy(ADAPTER),
+        "base_again": _greedy(MODEL_B),
+    }
 
 
 def run_lifecycle(ready_timeout_s: float = 600) -> LifecycleRun:
+    from llm_fleet.deployments.weights import embedded
+    from tests.lora_adapter import make_adapter
+
     run = LifecycleRun()
     work = Path(tempfile.mkdtemp(prefix="llm-fleet-lifecycle-"))
+    adapter = make_adapter(embedded.prepare("smollm2-135m-instruct"), work / "adapter")
     with launched(config(), grace_s=0) as launcher:
         run.log = str(launcher.log)
         run.ready = wait_ready(launcher, f"{URL}/health/ready", ready_timeout_s)
@@ -220,13 +264,15 @@ def run_lifecycle(ready_timeout_s: float = 600) -> LifecycleRun:
         try:
             time.sleep(3)
             steps = [
-                ("add", config(B_ADDED), _b_answers),
-                ("change", config(B_CHANGED), _b_limit_enforced),
+                ("add", config(b_added(adapter)), _b_answers),
+                ("change", config(b_changed(adapter)), _b_limit_enforced),
                 ("remove", config(), _b_gone),
             ]
             for name, document, done in steps:
                 step = {"started": time.time(), **_serve_deploy(document, work, name)}
                 step["followed_after_s"] = _until(done, 420)
+                if name == "add" and step["followed_after_s"] is not None:
+                    run.lora = _lora()
                 if name == "change":
                     # B's replica is replaced: B answers again from a new one.
                     step["answering_after_s"] = _until(_b_answers, 420)

@@ -99,12 +99,9 @@ def test_the_router_answers_throughout_and_serve_restores_the_replica_on_a_new_n
     assert run["back_at"] is not None
     assert run["placement_back"] == sorted([nodes["first"], nodes["third"]])
     steady, killed = run["steady"], run["killed_at"]
-    # Only a request running on the lost node at the kill may fail, and only as lost.
-    for request in steady:
-        if request.get("status") != 200:
-            assert request["sent"] < killed < request["ended"], request
-            assert request["status"] == 503 and "replica_lost" in request["body"], request
-    assert sum(1 for r in steady if r.get("status") != 200) <= 1
+    # None fails: one the lost replica had taken but not answered yet (Serve handed it
+    # over just as the node died) is sent again to the other replica.
+    assert [r for r in steady if r.get("status") != 200] == []
     # Requests were answered before the kill, while one replica served, and after.
     assert any(r["ended"] < killed and r["status"] == 200 for r in steady)
     assert any(killed < r["sent"] < run["third_added_at"] and r["status"] == 200 for r in steady)

@@ -57,3 +57,18 @@ def test_model_a_and_the_router_keep_their_replicas(run: dict[str, Any]) -> None
     assert after["router"] == before["router"]
     for step in run["steps"]:
         assert step["pids"]["A"] == before["A"] and step["pids"]["router"] == before["router"]
+
+
+def test_a_lora_adapter_is_served_under_its_own_id_and_answers_differently(
+    run: dict[str, Any],
+) -> None:
+    """vLLM's LoRA on CPU behind Serve's multiplexing: the adapter (rank 8 on q_proj and
+    v_proj, tests/lora_adapter.py) changes B's greedy answer, the same each time."""
+    lora = run["lora"]
+    assert lora["listed"]
+    for answer in (lora["base"], lora["adapter"], lora["adapter_again"], lora["base_again"]):
+        assert answer["status"] == 200, answer
+    assert lora["adapter"]["model"] == "smollm2-b-pirate"
+    assert lora["adapter"]["text"] != lora["base"]["text"]
+    assert lora["adapter_again"]["text"] == lora["adapter"]["text"]
+    assert lora["base_again"]["text"] == lora["base"]["text"]

@@ -400,3 +400,15 @@ def test_router_placement_reaches_serve() -> None:
     _accepted_by_serve(options)
     with pytest.raises(ConfigError, match=r"router.custom_resources: .*one of Ray's own"):
         load_config({"router": {"custom_resources": {"GPU": 1}}, "models": [model("a")]}, {})
+
+
+def test_prefix_affinity_uses_serves_consistent_hash_router() -> None:
+    options = options_for(prefix_affinity={"enabled": True, "fallback_replicas": 1})
+    assert options["request_router_config"] == {
+        "request_router_class": (
+            "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
+        ),
+        "request_router_kwargs": {"num_fallback_replicas": 1},
+    }
+    _accepted_by_serve(options)
+    assert "request_router_config" not in options_for()

@@ -148,3 +148,93 @@ def test_a_replica_lost_under_the_call_is_a_503_to_retry(
     assert raised.value.retry_after_s == 1
     assert "model 'm'" in raised.value.message
     assert f"to model m failed: {type(error).__name__}" in caplog.text
+
+
+def test_the_prefix_key_is_the_prompts_start() -> None:
+    from llm_fleet.router.model_client import prefix_key
+
+    system = {"role": "system", "content": "You are a ship's cook. " * 40}
+
+    def chat(*messages: dict[str, Any]) -> dict[str, Any]:
+        return {"messages": list(messages)}
+
+    one = prefix_key("chat", chat(system, {"role": "user", "content": "soup?"}), 256)
+    two = prefix_key("chat", chat(system, {"role": "user", "content": "bread?"}), 256)
+    assert one == two  # the same first 256 characters: the same replica
+    whole = prefix_key("chat", chat(system, {"role": "user", "content": "bread?"}), 100_000)
+    assert whole != prefix_key("chat", chat(system, {"role": "user", "content": "soup?"}), 100_000)
+    other = {"role": "system", "content": "You are a pilot. " * 40}
+    assert prefix_key("chat", chat(other), 256) != one
+    assert len(one) == 16
+    assert prefix_key("completions", {"prompt": "abc" * 100}, 10) == prefix_key(
+        "completions", {"prompt": "abc" * 50}, 10
+    )
+
+
+def test_with_prefix_affinity_each_call_carries_the_prompts_key() -> None:
+    seen: list[dict[str, Any]] = []
+
+    class OptionsRecorder(FakeHandle):
+        def options(self, **options: Any) -> FakeHandle:
+            seen.append(options)
+            return self
+
+    handle = OptionsRecorder()
+    client = HandleModelClient("m", handle, affinity_chars=64)  # type: ignore[arg-type]
+    body = {"messages": [{"role": "system", "content": "x" * 100}]}
+    asyncio.run(_drain_body(client, body))
+    from llm_fleet.router.model_client import prefix_key
+
+    assert {"session_id": prefix_key("chat", body, 64)} in seen
+
+
+async def _drain_body(client: HandleModelClient, body: dict[str, Any]) -> list[Any]:
+    return [item async for item in client.stream("chat", body, "req-1")]
+
+
+class LosingHandle(FakeHandle):
+    """The first ``losses`` calls die before answering (the replica's node lost); the
+    next ones answer."""
+
+    def __init__(self, losses: int) -> None:
+        super().__init__()
+        self.losses, self.calls = losses, 0
+
+    def remote(self, *_: Any) -> FakeResponse:
+        self.calls += 1
+        error = ActorUnavailableError("Actor is unavailable.", b"\0" * 16)
+        response = FakeResponse(
+            [] if self.calls <= self.losses else ["data: a\n\n"],
+            error if self.calls <= self.losses else None,
+            None,
+        )
+        self.responses.append(response)
+        return response
+
+
+@pytest.mark.parametrize(("losses", "answered"), [(1, True), (2, True), (3, False)])
+def test_a_request_whose_replica_died_before_answering_is_sent_again(
+    losses: int, answered: bool
+) -> None:
+    handle = LosingHandle(losses)
+    client = HandleModelClient("m", handle)  # type: ignore[arg-type]
+    if answered:
+        assert asyncio.run(_drain(client)) == ["data: a\n\n"]
+        assert handle.calls == losses + 1
+    else:
+        with pytest.raises(ReplicaLostError):
+            asyncio.run(_drain(client))
+        assert handle.calls == 3  # the first call and two more
+
+
+def test_closing_the_stream_early_still_cancels_the_call() -> None:
+    handle = FakeHandle()
+    client = HandleModelClient("m", handle)  # type: ignore[arg-type]
+
+    async def first_only() -> None:
+        stream = client.stream("chat", {}, "req-1")
+        await anext(stream)
+        await stream.aclose()  # type: ignore[attr-defined]
+
+    asyncio.run(first_only())
+    assert [response.cancelled for response in handle.responses] == [True]
