@@ -117,3 +117,33 @@ def test_the_router_serves_an_adapter_under_its_own_id_on_its_models_replica(
     assert list(engine.adapters) == ["smol-poet"]
     assert unknown.status_code == 404
     assert [b["model"] for b in engine.bodies] == [CHAT_MODEL, *["smol-pirate"] * 2, "smol-poet"]
+
+
+def test_an_api_keys_model_list_applies_to_adapter_ids(tmp_path: Path) -> None:
+    from llm_fleet.router.auth import KeyRing
+    from llm_fleet.router.keys_file import create_key
+
+    adapters = [{"id": "smol-pirate", "source": adapter_folder(tmp_path, "pirate")}]
+    path = tmp_path / "keys.yaml"
+    base_only = create_key(path, "base-only", models=[CHAT_MODEL])
+    pirate_only = create_key(path, "pirate-only", models=["smol-pirate"])
+    fleet = make_fleet(
+        model_fields={CHAT_MODEL: {"adapters": adapters}}, keys=KeyRing.from_file(path)
+    )
+
+    async def ask(key: str, model_id: str) -> int:
+        transport = httpx.ASGITransport(app=fleet.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            body = {"model": model_id, "messages": [{"role": "user", "content": "hi"}]}
+            headers = {"Authorization": f"Bearer {key}"}
+            return (await http.post("/v1/chat/completions", json=body, headers=headers)).status_code
+
+    async def scenario() -> list[int]:
+        return [
+            await ask(base_only, CHAT_MODEL),
+            await ask(base_only, "smol-pirate"),
+            await ask(pirate_only, "smol-pirate"),
+            await ask(pirate_only, CHAT_MODEL),
+        ]
+
+    assert asyncio.run(scenario()) == [200, 404, 200, 404]
