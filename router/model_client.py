@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from llm_fleet.deployments.engine import EngineRequest, Reply, Route
@@ -59,10 +59,6 @@ def prefix_key(route: Route, body: dict[str, Any], chars: int) -> str:
 REPLICA_LOST_RETRIES = 2
 
 
-class _ReplicaLost(Exception):
-    """Inside ``HandleModelClient``: the call's replica died (the cause is Ray's error)."""
-
-
 class ModelClient(Protocol):
     def stream(
         self, route: Route, body: dict[str, Any], request_id: str
@@ -102,67 +98,55 @@ class HandleModelClient:
         as Serve handed it the request) is not the client's problem: the call is made
         again, up to ``REPLICA_LOST_RETRIES`` times, and Serve, which marked that replica
         unavailable, sends it to another. Once an item has gone out, it is a 503
-        ``replica_lost`` (an error frame, mid-stream)."""
-        for attempt in range(REPLICA_LOST_RETRIES + 1):
-            sent = False
-            try:
-                # Closed on the way out, whatever ends it: closing cancels the call,
-                # which aborts the generation (a client that left).
-                async with contextlib.aclosing(self._call(route, body, request_id)) as items:
-                    async for item in items:
-                        sent = True
-                        yield item
-                return
-            except _ReplicaLost as lost:
-                if sent or attempt == REPLICA_LOST_RETRIES:
-                    raise ReplicaLostError(self._model_id) from lost.__cause__
-                logger.warning(
-                    "request %s to model %s: its replica was lost before answering; sent again",
-                    request_id,
-                    self._model_id,
-                )
-
-    async def _call(
-        self, route: Route, body: dict[str, Any], request_id: str
-    ) -> AsyncGenerator[str | Reply, None]:
+        ``replica_lost`` (an error frame, mid-stream). One generator: the relay is hot."""
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+        handle = self._handle
+        if self._affinity_chars is not None:
+            handle = handle.options(session_id=prefix_key(route, body, self._affinity_chars))
+        request = EngineRequest(route, body, request_id, self._caller)
         response: DeploymentResponseGenerator[str | Reply] | None = None
-        try:
-            # Inside the try: a full queue may refuse the call itself, and an escaped
-            # BackPressureError would reach the client as Serve's plain-text 503.
-            handle = self._handle
-            if self._affinity_chars is not None:
-                handle = handle.options(session_id=prefix_key(route, body, self._affinity_chars))
-            response = cast(
-                "DeploymentResponseGenerator[str | Reply]",
-                handle.generate.remote(EngineRequest(route, body, request_id, self._caller)),
-            )
-            async for item in response:
-                yield item
-        except (BackPressureError, DeploymentUnavailableError) as exc:
-            raise ServiceUnavailableError(
-                f"Model '{self._model_id}' is at capacity; retry shortly.",
-                retry_after_s=max(1, int(getattr(exc, "retry_after_s", None) or 1)),
-            ) from None
-        except (GeneratorExit, asyncio.CancelledError):
-            # The caller stopped early (its client left): cancel the call, which aborts
-            # the generation. Only here: Serve's cancel() re-raises, synchronously, the
-            # error a failed call ended with (a refusal: the 503 above), which would
-            # then escape as Serve's plain-text 503.
-            if response is not None:
-                with contextlib.suppress(BackPressureError, DeploymentUnavailableError):
-                    response.cancel()  # type: ignore[no-untyped-call]
-            raise
-        except Exception as exc:
-            # The detail goes to the log, never to the client.
-            logger.warning(
-                "request %s to model %s failed: %s: %s",
-                request_id,
-                self._model_id,
-                type(exc).__name__,
-                (str(exc).splitlines() or [""])[0][:300],  # Ray's first line, not its trace
-            )
-            if replica_lost(exc):
-                raise _ReplicaLost() from exc
-            raise InternalServerError(f"model {self._model_id}: {type(exc).__name__}") from exc
+        sent = False
+        for attempt in range(REPLICA_LOST_RETRIES + 1):
+            try:
+                # Inside the try: a full queue may refuse the call itself, and an escaped
+                # BackPressureError would reach the client as Serve's plain-text 503.
+                response = cast(
+                    "DeploymentResponseGenerator[str | Reply]", handle.generate.remote(request)
+                )
+                async for item in response:
+                    sent = True
+                    yield item
+                return
+            except (BackPressureError, DeploymentUnavailableError) as exc:
+                raise ServiceUnavailableError(
+                    f"Model '{self._model_id}' is at capacity; retry shortly.",
+                    retry_after_s=max(1, int(getattr(exc, "retry_after_s", None) or 1)),
+                ) from None
+            except (GeneratorExit, asyncio.CancelledError):
+                # The caller stopped early (its client left): cancel the call, which
+                # aborts the generation. Only here: Serve's cancel() re-raises,
+                # synchronously, the error a failed call ended with (a refusal: the 503
+                # above), which would then escape as Serve's plain-text 503.
+                if response is not None:
+                    with contextlib.suppress(BackPressureError, DeploymentUnavailableError):
+                        response.cancel()  # type: ignore[no-untyped-call]
+                raise
+            except Exception as exc:
+                # The detail goes to the log, never to the client.
+                logger.warning(
+                    "request %s to model %s failed: %s: %s",
+                    request_id,
+                    self._model_id,
+                    type(exc).__name__,
+                    (str(exc).splitlines() or [""])[0][:300],  # Ray's first line, not its trace
+                )
+                if not replica_lost(exc):
+                    raise InternalServerError(
+                        f"model {self._model_id}: {type(exc).__name__}"
+                    ) from exc
+                if sent or attempt == REPLICA_LOST_RETRIES:
+                    raise ReplicaLostError(self._model_id) from exc
+                logger.warning(
+                    "request %s: its replica was lost before answering; sent again", request_id
+                )
