@@ -1,8 +1,18 @@
 """Soak: a fleet under steady mixed load for a long time, watched for leaks.
 
 Starts the local fleet (``serve_config.local.yaml``, as ``make serve`` does) on a free
-port, or soaks a running gateway (``--url``), and keeps ``--concurrency`` clients busy
-for ``--minutes`` (30 by default) with a mix of what production sees:
+port, or soaks a running gateway (``--url``), for ``--minutes`` (30 by default) with a
+mix of what production sees, at ``--load`` (0.7) of the fleet's capacity:
+
+1. **Capacity** is measured first, in the same run: ``--calibrate-clients`` (16) clients
+   send the mix back to back for ``--calibrate-s`` (90 s); the answers per second they
+   get is the capacity (more clients only queue: each model runs 16 sequences at most).
+2. **The soak** then sends the mix open loop, as independent users do: arrivals at
+   random (Poisson) times at ``load`` x capacity per second, each request on its own
+   whatever the others are doing. ``--concurrency N`` runs N closed-loop clients
+   instead, with no calibration (the older mode).
+
+The mix:
 
 - ``stream``: a streamed chat answer read to ``[DONE]`` (200);
 - ``whole``: a non-streamed completion (200);
@@ -15,14 +25,16 @@ Every ``--sample-s`` it records the RSS and open file descriptors of each Serve 
 the Serve proxy and each vLLM engine core (psutil, this machine). At the end it waits
 for the fleet to settle and reads the router's in-flight gauge from ``/metrics``.
 
-It prints three tables (memory and descriptors per process, first and last sample;
+It prints the load (capacity, offered and achieved rates, the most requests in flight
+at once) and three tables (memory and descriptors per process, first and last sample;
 answers per kind and status; the verdict: 5xx count, unexpected statuses, in flight at
 the end) and writes the raw samples to ``.bench-results/soak-<time>.json``. It is a
 benchmark, never a test: it asserts nothing, and its exit status is 1 if the verdict
 shows a 5xx, an unexpected status or a request left in flight.
 
     .venv/bin/python bench/soak.py --minutes 30
-    .venv/bin/python bench/soak.py --minutes 3 --concurrency 3   # a quick look
+    .venv/bin/python bench/soak.py --minutes 3 --calibrate-s 30   # a quick look
+    .venv/bin/python bench/soak.py --minutes 3 --concurrency 3    # closed loop
 """
 
 from __future__ import annotations
@@ -143,23 +155,82 @@ async def one_request(http: httpx.AsyncClient, url: str, kind: str, turn: int) -
     return response.status_code
 
 
-async def soak(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    kinds, weights = zip(*MIX, strict=True)
-    answers: dict[str, Counter[str]] = defaultdict(Counter)
-    samples: list[dict[str, Any]] = []
-    end = time.monotonic() + args.minutes * 60
-    turns = itertools.count()
-    rng = random.Random(7)
+KINDS: list[str] = [kind for kind, _ in MIX]
+WEIGHTS: list[int] = [weight for _, weight in MIX]
 
-    async def client() -> None:
-        async with httpx.AsyncClient(timeout=120) as http:
-            while time.monotonic() < end:
-                kind = rng.choices(kinds, weights)[0]
-                try:
-                    status = str(await one_request(http, url, kind, next(turns)))
-                except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                answers[kind][status] += 1
+
+class Sender:
+    """Sends requests of the mix and counts their answers by kind and status."""
+
+    def __init__(self, url: str, seed: int) -> None:
+        self.url = url
+        self.rng = random.Random(seed)
+        self.turns = itertools.count()
+        self.answers: dict[str, Counter[str]] = defaultdict(Counter)
+        self.in_flight = self.most_in_flight = 0
+
+    async def send(self, http: httpx.AsyncClient) -> None:
+        kind = self.rng.choices(KINDS, WEIGHTS)[0]
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            status = str(await one_request(http, self.url, kind, next(self.turns)))
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        finally:
+            self.in_flight -= 1
+        self.answers[kind][status] += 1
+
+    def total(self) -> int:
+        return sum(sum(statuses.values()) for statuses in self.answers.values())
+
+    async def closed_loop(self, clients: int, end: float) -> None:
+        """``clients`` clients, each sending its next request when its last is answered."""
+
+        async def client() -> None:
+            async with httpx.AsyncClient(timeout=120) as http:
+                while time.monotonic() < end:
+                    await self.send(http)
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+
+    async def open_loop(self, rate: float, end: float) -> None:
+        """Requests at Poisson arrival times, ``rate`` per second on average, each sent
+        on arrival whatever is in flight; then waits for the last answers."""
+        sent: set[asyncio.Task[None]] = set()
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            while (now := time.monotonic()) < end:
+                await asyncio.sleep(min(self.rng.expovariate(rate), end - now))
+                task = asyncio.create_task(self.send(http))
+                sent.add(task)
+                task.add_done_callback(sent.discard)
+            await asyncio.gather(*sent)
+
+
+async def capacity(url: str, args: argparse.Namespace) -> float:
+    """Answers per second of the mix with ``calibrate_clients`` clients back to back."""
+    sender = Sender(url, seed=11)
+    started = time.monotonic()
+    await sender.closed_loop(args.calibrate_clients, started + args.calibrate_s)
+    rate = sender.total() / (time.monotonic() - started)
+    print(
+        f"capacity: {rate:.2f} answers/s with {args.calibrate_clients} clients "
+        f"back to back for {args.calibrate_s:g} s ({dict(sender.answers)})",
+        flush=True,
+    )
+    return rate
+
+
+async def soak(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    samples: list[dict[str, Any]] = []
+    load: dict[str, Any] = {"mode": "closed", "clients": args.concurrency}
+    if args.concurrency is None:
+        measured = await capacity(url, args)
+        load = {"mode": "open", "capacity_per_s": measured, "offered_per_s": args.load * measured}
+    sender = Sender(url, seed=7)
+    started = time.monotonic()
+    end = started + args.minutes * 60
 
     async def sampler() -> None:
         started = time.monotonic()
@@ -169,7 +240,13 @@ async def soak(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 return
             await asyncio.sleep(min(args.sample_s, max(0.0, end - time.monotonic())))
 
-    await asyncio.gather(sampler(), *(client() for _ in range(args.concurrency)))
+    if load["mode"] == "open":
+        traffic = sender.open_loop(load["offered_per_s"], end)
+    else:
+        traffic = sender.closed_loop(args.concurrency, end)
+    await asyncio.gather(sampler(), traffic)
+    load["achieved_per_s"] = sender.total() / (time.monotonic() - started)
+    load["most_in_flight"] = sender.most_in_flight
     await asyncio.sleep(10)  # streams closed by their clients settle
     samples.append({"t_s": samples[-1]["t_s"] + 10, "procs": sample_processes()})
     metrics = httpx.get(f"{url}/metrics", timeout=30).text
@@ -179,7 +256,8 @@ async def soak(url: str, args: argparse.Namespace) -> dict[str, Any]:
         if line.startswith("ray_llm_fleet_requests_in_flight{")
     )
     return {
-        "answers": {k: dict(v) for k, v in answers.items()},
+        "load": load,
+        "answers": {k: dict(v) for k, v in sender.answers.items()},
         "samples": samples,
         "in_flight_at_end": in_flight,
     }
@@ -189,7 +267,16 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> bool:
     samples = result["samples"]
     # The quarter-way sample is the baseline: the first minutes fill caches and pools.
     first, warm, last = (samples[i]["procs"] for i in (0, len(samples) // 4, -1))
-    print(f"\nSoak: {args.minutes} min, {args.concurrency} clients, mix {dict(MIX)}\n")
+    load = result["load"]
+    if load["mode"] == "open":
+        shown = (
+            f"open loop at {args.load:.0%} of a measured capacity of "
+            f"{load['capacity_per_s']:.2f} answers/s: {load['offered_per_s']:.2f}/s offered, "
+            f"{load['achieved_per_s']:.2f}/s answered, at most {load['most_in_flight']} in flight"
+        )
+    else:
+        shown = f"{load['clients']} clients back to back, {load['achieved_per_s']:.2f} answers/s"
+    print(f"\nSoak: {args.minutes:g} min, {shown}; mix {dict(MIX)}\n")
     print("| process | RSS MiB start | at 1/4 | end | end - 1/4 | fds start | 1/4 | end |")
     print("|---|---|---|---|---|---|---|---|")
     for name in sorted(set(first) | set(last)):
@@ -220,7 +307,12 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--load", type=float, default=0.7, help="share of the capacity")
+    parser.add_argument("--calibrate-s", type=float, default=90)
+    parser.add_argument("--calibrate-clients", type=int, default=16)
+    parser.add_argument(
+        "--concurrency", type=int, help="N closed-loop clients instead (no calibration)"
+    )
     parser.add_argument("--sample-s", type=float, default=60)
     parser.add_argument("--url", help="soak this running gateway instead of starting one")
     args = parser.parse_args()

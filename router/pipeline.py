@@ -141,8 +141,12 @@ class Pipeline:
             log_request(record)
             if self.tracer is not None:
                 self.tracer.request_finished(record, request.headers)
-            await uninterrupted(hold.release(record.tokens_used))
-            await uninterrupted(gate.release(0))
+            # A release with nothing held (no keys, no cap: the default) is skipped here,
+            # not in a task of its own: the common path makes no task at all.
+            if hold.held:
+                await uninterrupted(hold.release(record.tokens_used))
+            if gate.held:
+                await uninterrupted(gate.release(0))
 
         return finish
 

@@ -271,6 +271,11 @@ class QuotaHold:
         if (await admitting).ok:
             await self.backend.release(principal, 0)
 
+    @property
+    def held(self) -> bool:
+        """Whether a release has anything to give back (false without keys or a cap)."""
+        return self._held
+
     async def release(self, tokens_used: int) -> None:
         if self.principal is None or not self._held:
             return

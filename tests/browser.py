@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import uvicorn
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Route
+    from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Response, Route
     from starlette.types import ASGIApp
 
 CHROMIUM_FLAGS = [
@@ -204,6 +204,23 @@ def open_chat(watch: BrowserWatch, url: str, model: str, key: str | None = None)
     page.select_option("#model", model)
 
 
+def type_key(watch: BrowserWatch, key: str) -> int:
+    """Type ``key`` into the page's key field; the status of the model list the page then
+    asks for with that key (``#error`` is emptied first, so what it shows after is the
+    answer to this key, not to an earlier one)."""
+    page = watch.page
+    page.evaluate("() => { document.querySelector('#error').textContent = ''; }")
+
+    def with_key(response: Response) -> bool:
+        sent = response.request.headers.get("authorization")
+        return response.url.endswith("/v1/models") and sent == f"Bearer {key}"
+
+    with page.expect_response(with_key) as answer:
+        page.fill("#api-key", key)
+        page.dispatch_event("#api-key", "change")
+    return int(answer.value.status)
+
+
 def ask(watch: BrowserWatch, text: str, *, max_tokens: int | None = None) -> None:
     """Send ``text`` from the page (its reply then streams in)."""
     page = watch.page
@@ -221,7 +238,12 @@ def last_reply_done(watch: BrowserWatch, timeout_s: float = 120) -> str:
     return str(reply.locator(".body").inner_text())
 
 
-def seen_while_streaming(watch: BrowserWatch, word: str) -> bool:
-    """Whether ``word`` was in the last reply while it was still streaming."""
+def seen_while_streaming(watch: BrowserWatch, word: str, pieces: int = 3) -> bool:
+    """Whether ``word`` was in the last reply while it was still streaming, and the
+    reply grew through at least ``pieces`` different texts while streaming. The page
+    keeps a reply's state "streaming" until its request ends, so the word alone would
+    not tell a streamed reply from one that arrived whole; the growing text does."""
     seen = watch.page.evaluate("() => window.__seen")
-    return any(word in s["text"] and s["state"] == "streaming" for s in seen)
+    streaming = [s["text"] for s in seen if s["state"] == "streaming"]
+    grown = {text for text in streaming if text.strip()}
+    return any(word in text for text in streaming) and len(grown) >= pieces

@@ -13,10 +13,15 @@ os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 LEAK_MARKERS = ("raylet", "gcs_server", "EngineCore", "ray::", "serve run", "ray/dashboard")
 _STARTED = pytest.StashKey[float]()
@@ -49,6 +54,17 @@ def leftover_processes(since: float) -> dict[int, str]:
         if text is not None:
             found[proc.pid] = text
     return found
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Headless Debian chromium for a module's page tests (``tests/browser.py``). Module
+    scope, not session: Playwright's sync API holds an event loop on the main thread
+    while it runs, which other modules' ``asyncio.run`` and Serve handles must not meet."""
+    from tests.browser import chromium
+
+    with chromium() as launched:
+        yield launched
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

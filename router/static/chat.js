@@ -32,13 +32,17 @@
     return sent;
   }
 
-  function showError(text) {
+  // source "models": the model list's own refusal, cleared once the list loads again
+  // (a corrected key); any other error stays until the next question.
+  function showError(text, source = "request") {
     errorBox.textContent = text;
+    errorBox.dataset.source = source;
     errorBox.hidden = false;
   }
 
   function clearError() {
     errorBox.textContent = "";
+    delete errorBox.dataset.source;
     errorBox.hidden = true;
   }
 
@@ -62,9 +66,10 @@
   async function loadModels() {
     const response = await fetch("v1/models", { headers: headers(false) });
     if (!response.ok) {
-      showError(await refusal(response));
+      showError(await refusal(response), "models");
       return;
     }
+    if (errorBox.dataset.source === "models") clearError();
     const models = (await response.json()).data || [];
     const chosen = modelSelect.value;
     modelSelect.replaceChildren(

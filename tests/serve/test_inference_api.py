@@ -91,7 +91,9 @@ def _error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
     return error
 
 
-@pytest.mark.parametrize("path", ["/api/generate", "/api/chat/stream"])
+@pytest.mark.parametrize(
+    "path", ["/api/generate", "/api/generate/stream", "/api/chat", "/api/chat/stream"]
+)
 def test_errors_are_openai_shaped(fleet: Fleet, path: str) -> None:
     body = {**GENERATE, **CHAT}
     _error(_post(fleet, path, {**body, "model": "no-such-model"}), 404, "model_not_found")

@@ -315,3 +315,35 @@ def test_past_the_request_timeout_a_request_is_504_and_its_generation_stops(
         while (running := engine.num_unfinished_requests.remote().result()) != 0:
             assert time.monotonic() < deadline, f"{running} generations still running"
             time.sleep(0.2)
+
+
+def test_the_gateway_cap_holds_across_two_router_replicas(fleet: Fleet, ray_driver: None) -> None:
+    """``LLM_MAX_CONCURRENT_REQUESTS`` (``router.max_concurrent_requests``) is one count
+    for the whole gateway: with two router replicas and a cap of 3, eight long streams
+    sent at once through Serve's proxy get exactly three 200s and five 429
+    ``gateway_busy`` with Retry-After; counted per replica, up to six would run. The
+    slots come back when the streams end."""
+    cap, sent = 3, 8
+    routers = {"num_cpus": 0.05, "autoscaling": {"min_replicas": 2, "max_replicas": 2}}
+    args = {
+        "router": {**routers, "max_concurrent_requests": cap},
+        "models": [fake_model(ROOMY_MODEL, engine_args={"token_delay_s": TOKEN_DELAY_S})],
+    }
+
+    async def at_once(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            bodies = [_body(40, stream=True, model=ROOMY_MODEL) for _ in range(sent)]
+            return await asyncio.gather(*(_ask(client, url, b) for b in bodies))
+
+    with deployed(fleet.base_url, "gateway-cap", args, 120) as url:
+        answers = asyncio.run(at_once(url))
+        served = [a for a in answers if a.status_code == 200]
+        refused = [a for a in answers if a.status_code != 200]
+        print(f"cap {cap}, {sent} at once: {len(served)} served, {len(refused)} refused")
+        assert len(served) == cap, [a.status_code for a in answers]
+        assert all(a.text.rstrip().endswith("data: [DONE]") for a in served)
+        for answer in refused:
+            _assert_openai_rejection(answer, (429,))
+            assert answer.json()["error"]["code"] == "gateway_busy"
+        again = asyncio.run(at_once(url))
+        assert sum(a.status_code == 200 for a in again) == cap

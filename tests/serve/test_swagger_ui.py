@@ -5,24 +5,17 @@ returns SmolLM2's text."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.browser import assert_air_gapped, chromium, execute, open_operation, watched_page
+from tests.browser import assert_air_gapped, execute, open_operation, watched_page
 from tests.serve.conftest import CHAT_MODEL, Fleet
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as launched:
-        yield launched
 
 
 def test_try_it_out_on_api_generate_returns_text(fleet: Fleet, browser: Browser) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,6 @@ from llm_fleet.router.keys_file import create_key
 from llm_fleet.router.swagger_ui import ASSETS
 from tests.browser import (
     assert_air_gapped,
-    chromium,
     execute,
     open_operation,
     serve_app,
@@ -36,12 +34,6 @@ if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
 PROMPT = {"model": COMPLETIONS_MODEL, "prompt": "the swagger page says", "max_tokens": 8}
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as launched:
-        yield launched
 
 
 def keyed_fleet(tmp_path: Path) -> tuple[FastAPI, str]:
