@@ -23,7 +23,7 @@ VLLM026_STAMP := $(VLLM026_VENV)/.installed
 # The engine contract on the fake and the real engine, and the API smoke tests.
 VLLM026_TESTS := tests/contract tests/serve/test_contract_real.py tests/serve/test_api.py
 
-.PHONY: install models serve test test-unit wheel-check drain-check cluster-check lifecycle-check test-vllm026 gpu-kit gpu-rehearsal lint bench clean \
+.PHONY: install models serve test test-unit wheel-check drain-check cluster-check lifecycle-check soak test-vllm026 gpu-kit gpu-rehearsal lint bench clean \
 	prometheus chromium
 
 install: $(STAMP) $(MIRROR_STAMP)
@@ -68,6 +68,11 @@ test: models $(MIRROR_STAMP) prometheus chromium
 # The wheel alone, in a fresh venv beside the CPU stack, serves a chat via serve run.
 wheel-check: models
 	bash infra/wheel_check.sh
+
+# 30 minutes of mixed traffic at 70% of the fleet's measured capacity, watched for leaks
+# (bench/soak.py; its own local fleet: run it with no other).
+soak: models
+	$(BIN)/python bench/soak.py
 
 # llm-fleet serve's drain end to end (its own local cluster: run it with none other).
 drain-check: models

@@ -263,10 +263,29 @@ async def soak(url: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def by_pid(samples: list[dict[str, Any]]) -> list[dict[str, dict[str, float]]]:
+    """Each sample's processes keyed by one name per pid: Ray retitles an actor's process
+    while it runs a method (``ray::ProxyActor.receive_asgi_messages``), so the shortest
+    title seen for a pid names it in every sample."""
+    names: dict[str, str] = {}
+    for sample in samples:
+        for key in sample["procs"]:
+            name, pid = key.rsplit(" ", 1)
+            if pid not in names or len(name) < len(names[pid]):
+                names[pid] = name
+    return [
+        {
+            f"{names[key.rsplit(' ', 1)[1]]} {key.rsplit(' ', 1)[1]}": v
+            for key, v in s["procs"].items()
+        }
+        for s in samples
+    ]
+
+
 def report(result: dict[str, Any], args: argparse.Namespace) -> bool:
-    samples = result["samples"]
+    samples = by_pid(result["samples"])
     # The quarter-way sample is the baseline: the first minutes fill caches and pools.
-    first, warm, last = (samples[i]["procs"] for i in (0, len(samples) // 4, -1))
+    first, warm, last = (samples[i] for i in (0, len(samples) // 4, -1))
     load = result["load"]
     if load["mode"] == "open":
         shown = (

@@ -124,8 +124,20 @@ def _storm(url: str, model: str, size: int = 120) -> dict[int, int]:
 
 def test_overload_answers_200_or_an_openai_503_with_retry_after(app_url: str) -> None:
     """120 requests at once to a model that takes 2 and queues 4: the rest are refused
-    at once, each refusal an OpenAI-shaped 503 with Retry-After; nothing else."""
-    _storm(app_url, MODEL)
+    at once, each refusal an OpenAI-shaped 503 with Retry-After; nothing else. The
+    router's request counter files each answer under the status the client got (Serve's
+    own refusals used to be counted as 500s)."""
+    requests = "llm_fleet_requests_total"
+    before = {s: _metric(app_url, requests, MODEL, status=s) for s in ("200", "503", "500")}
+    by_status = _storm(app_url, MODEL)
+    wanted = {"200": by_status.get(200, 0) + 1, "503": by_status[503], "500": 0}  # +1: `after`
+    deadline = time.monotonic() + 30  # Ray's metrics agent exports every few seconds
+    while True:
+        counted = {s: _metric(app_url, requests, MODEL, status=s) - before[s] for s in wanted}
+        if counted == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert counted == wanted, f"counted {counted}, answered {wanted}"
 
 
 def test_overload_on_a_direct_door_is_openai_shaped_too(app_url: str) -> None:
@@ -222,12 +234,15 @@ def test_a_64_kib_header_is_431_and_a_text_body_415(app_url: str) -> None:
 # --- a disconnect storm leaves nothing in flight --------------------------------------------
 
 
-def _metric(url: str, name: str, model: str) -> float:
-    """The sum over router replicas of ``name`` for ``model`` on the node's /metrics."""
+def _metric(url: str, name: str, model: str, status: str | None = None) -> float:
+    """The sum over router replicas (and endpoints) of ``name`` for ``model`` (and
+    ``status``) on the gateway's /metrics."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(f"ray_{name}{{") and f'model="{model}"' in line:
+        if not line.startswith(f"ray_{name}{{") or f'model="{model}"' not in line:
+            continue
+        if status is None or f'status="{status}"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
 
