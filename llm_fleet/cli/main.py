@@ -45,6 +45,7 @@ from llm_fleet.deployments.builder import (
     load_config,
     model_app_config,
 )
+from llm_fleet.deployments.config import FleetConfig
 from llm_fleet.deployments.errors import ConfigError, ModelPreparationError
 from llm_fleet.deployments.weights import embedded
 from llm_fleet.deployments.weights.commands import add_parser as add_weights_commands
@@ -104,19 +105,36 @@ def _validate_app(where: str, app: Mapping[str, object], direct_apps: set[str]) 
     return EXIT_OK
 
 
-def _validate_direct_app(where: str, app: Mapping[str, object], fleet_names: set[str]) -> int:
+def _one_model_app(
+    where: str,
+    app: Mapping[str, object],
+    fleet_names: set[str],
+    read: Callable[[Mapping[str, Any], Mapping[str, str]], tuple[FleetConfig, str]],
+    kind: str,
+) -> tuple[FleetConfig, str, str] | int:
+    """An app serving one model (a direct or a model app): its config read by ``read``,
+    its model id and its name, which must be ``<fleet>.<id>``; or the exit code of the
+    errors printed."""
     args = _app_args(where, app)
     if args is None:
         return EXIT_INVALID
     try:
-        config, model_id = direct_model_config(args, os.environ)
+        config, model_id = read(args, os.environ)
     except ConfigError as exc:
         return _config_errors(where, exc)
     name = str(app.get("name", "default"))
     if name not in {direct_app_name(fleet, model_id) for fleet in fleet_names}:
         expected = " or ".join(repr(direct_app_name(f, model_id)) for f in sorted(fleet_names))
-        _error(f"{where}: the direct app of {model_id!r} must be named {expected}")
+        _error(f"{where}: the {kind} app of {model_id!r} must be named {expected}")
         return EXIT_INVALID
+    return config, model_id, name
+
+
+def _validate_direct_app(where: str, app: Mapping[str, object], fleet_names: set[str]) -> int:
+    read = _one_model_app(where, app, fleet_names, direct_model_config, "direct")
+    if isinstance(read, int):
+        return read
+    config, model_id, name = read
     what = (
         f"direct path of {model_id}"
         if config.model(model_id) is not None
@@ -128,18 +146,10 @@ def _validate_direct_app(where: str, app: Mapping[str, object], fleet_names: set
 
 def _validate_model_app(where: str, app: Mapping[str, object], fleet_names: set[str]) -> int:
     """A model app: its one model valid, its name ``<fleet>.<id>``, its route right."""
-    args = _app_args(where, app)
-    if args is None:
-        return EXIT_INVALID
-    try:
-        config, model_id = model_app_config(args, os.environ)
-    except ConfigError as exc:
-        return _config_errors(where, exc)
-    name = str(app.get("name", "default"))
-    if name not in {direct_app_name(fleet, model_id) for fleet in fleet_names}:
-        expected = " or ".join(repr(direct_app_name(f, model_id)) for f in sorted(fleet_names))
-        _error(f"{where}: the model app of {model_id!r} must be named {expected}")
-        return EXIT_INVALID
+    read = _one_model_app(where, app, fleet_names, model_app_config, "model")
+    if isinstance(read, int):
+        return read
+    config, model_id, name = read
     model = config.model(model_id)
     direct = bool(model is not None and model.direct)
     route = app.get("route_prefix", "/")
