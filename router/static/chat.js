@@ -63,14 +63,21 @@
 
   // --- models and the fleet ---------------------------------------------------------
 
+  // Both lists are fetched before the page changes, so the picker and the controls'
+  // defaults appear in one step: a control set by hand once the model is listed is
+  // never overwritten by defaults arriving later.
   async function loadModels() {
-    const response = await fetch("v1/models", { headers: headers(false) });
+    const [response, llms] = await Promise.all([
+      fetch("v1/models", { headers: headers(false) }),
+      fetch("api/llms", { headers: headers(false) }),
+    ]);
     if (!response.ok) {
       showError(await refusal(response), "models");
       return;
     }
-    if (errorBox.dataset.source === "models") clearError();
     const models = (await response.json()).data || [];
+    const listed = llms.ok ? (await llms.json()).models || [] : [];
+    if (errorBox.dataset.source === "models") clearError();
     const chosen = modelSelect.value;
     modelSelect.replaceChildren(
       ...models.map((model) => {
@@ -83,9 +90,7 @@
     );
     if (models.some((model) => model.id === chosen)) modelSelect.value = chosen;
     showModelState();
-    const llms = await fetch("api/llms", { headers: headers(false) });
     if (llms.ok) {
-      const listed = (await llms.json()).models || [];
       const known = {};
       for (const model of listed) known[model.id] = model;
       const first = Object.keys(defaults).length === 0;

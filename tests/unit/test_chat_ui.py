@@ -5,12 +5,14 @@ it on the real fleet."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from fastapi import Request
 from fastapi.testclient import TestClient
 
 from llm_fleet.router.auth import KeyRing
@@ -38,6 +40,8 @@ from tests.fakes import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from playwright.sync_api import Browser
 
 
@@ -182,6 +186,33 @@ def test_the_controls_start_at_the_models_defaults_and_completion_mode_completes
         assert page.input_value("#max-tokens") == str(DEFAULT_MAX_TOKENS)
         assert page.input_value("#mode") == "chat"
         assert_air_gapped(watch)
+
+
+def test_a_control_set_once_the_model_is_listed_is_not_reset_by_late_defaults(
+    browser: Browser,
+) -> None:
+    """The picker and the model's defaults appear in one step: a temperature typed as
+    soon as the model is listed is the one sent, even when ``/api/llms`` (the defaults)
+    answers a second after ``/v1/models`` (the race a loaded machine showed)."""
+    fields = {CHAT_MODEL: {"sampling": {"temperature": 0.3}}}
+    app = make_fleet(model_fields=fields).app
+
+    @app.middleware("http")
+    async def slow_defaults(request: Request, call_next: Callable[..., Any]) -> Any:
+        if request.url.path == "/api/llms":
+            await asyncio.sleep(1.0)
+        return await call_next(request)
+
+    with serve_app(app) as base_url, watched_page(browser, base_url) as watch:
+        page = watch.page
+        open_chat(watch, f"{base_url}/ui", CHAT_MODEL)
+        assert page.input_value("#temperature") == "0.3"
+        page.fill("#temperature", "0")
+        time.sleep(1.5)  # past any defaults still on their way
+        with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+            ask(watch, "hello")
+        assert json.loads(sent.value.post_data or "{}")["temperature"] == 0
+        assert last_reply_done(watch) == "hello"
 
 
 def _fleet_row(watch: BrowserWatch, model: str, timeout_s: float = 15) -> list[str]:
