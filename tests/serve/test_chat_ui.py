@@ -9,10 +9,11 @@ leaves the gateway and the console stays clean. The screenshot goes to
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -35,15 +36,25 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 
+# One thread and one handle per model: Playwright's sync API keeps an event loop on the
+# test's thread, where Serve's handles refuse to block; and a new handle first waits
+# for the controller's replica list (seconds on a loaded machine), which must not eat
+# into the time allowed for an abort.
+_ENGINE_CALLS = concurrent.futures.ThreadPoolExecutor(1)
+
+
+@functools.cache
+def _handle(model: str) -> Any:
+    return deployment_handle(model)
+
+
 def _running(model: str) -> int:
-    """The engine's running requests (in a thread: Playwright's sync API keeps an event
-    loop on this one, where Serve's handles refuse to block)."""
+    """The engine's running requests."""
 
     def ask_engine() -> int:
-        return int(deployment_handle(model).num_unfinished_requests.remote().result())
+        return int(_handle(model).num_unfinished_requests.remote().result())
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(ask_engine).result()
+    return _ENGINE_CALLS.submit(ask_engine).result()
 
 
 @pytest.mark.usefixtures("ray_driver")
