@@ -44,6 +44,9 @@ CAPACITY = 2 * SLOTS  # max_replicas: 2
 BOUND = 3 * CAPACITY  # max_queued_requests: a burst of 3x capacity waits whole
 BURST = 3 * CAPACITY
 OVERFLOW = BOUND + CAPACITY + 12  # at least 12 over what may run and wait
+# Long enough that no admitted request ends (freeing a slot for one more) before the
+# last of the OVERFLOW is sent: on a busy 2-core machine the sends spread over seconds.
+OVERFLOW_TOKENS = 64
 LONG_STREAMS = 4
 LONG_TOKENS = 400
 NODE = {"num_cpus": 1, "resources": {"llm": 1}}
@@ -219,8 +222,15 @@ def _phases(cluster: Any, run: ClusterRun, clock: Clock) -> None:
     run.placement_scaled = _placement()
 
     # 2. Over the bound, both replicas up: the surplus is refused at once.
+    # Every thread waits at the barrier, so the sends start together.
+    start = threading.Barrier(OVERFLOW)
+
+    def overflow_one(_: int) -> dict[str, Any]:
+        start.wait(60)
+        return _stream(clock, OVERFLOW_TOKENS)
+
     with ThreadPoolExecutor(OVERFLOW) as pool:
-        run.overflow = list(pool.map(lambda _: _stream(clock, 16), range(OVERFLOW)))
+        run.overflow = list(pool.map(overflow_one, range(OVERFLOW)))
 
     # 3. The second node dies under long streams and steady requests.
     stop = threading.Event()
