@@ -25,6 +25,7 @@ from tests.process.launcher_run import recorded_run
 pytestmark = [pytest.mark.own_cluster, pytest.mark.slow]
 
 RUN_TIMEOUT_S = 1500
+SERVE_CHECK_RACE = 4  # requests Serve's queue check may let past its bound (see below)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +77,14 @@ def test_past_the_bound_the_surplus_is_refused_at_once_with_retry_after(
         last_sent,
         sorted(r["ended"] for r in served)[:3],
     )
-    # At most BOUND wait and CAPACITY run; Serve counts a request as waiting until it is
-    # handed to a replica, so up to CAPACITY more may be refused than the minimum.
-    assert OVERFLOW - BOUND - CAPACITY <= len(refused) <= OVERFLOW - BOUND, refused
+    # BOUND wait and CAPACITY run. Serve counts a request as waiting until it is handed
+    # to a replica, so up to CAPACITY more may be refused than the minimum; and its
+    # handle checks the queue's count before it counts the request (Ray 2.60
+    # serve/_private/router.py: wrap_request_assignment, then awaits, then
+    # wrap_queued_request), so requests arriving together may pass the check together:
+    # CI's machine admitted 1 more than BOUND + CAPACITY with no slot freed.
+    assert len(refused) >= OVERFLOW - BOUND - CAPACITY - SERVE_CHECK_RACE, refused
+    assert len(refused) <= OVERFLOW - BOUND, refused
     for request in refused:
         assert request["status"] == 503, request
         assert request["retry_after"] is not None and int(request["retry_after"]) >= 1
