@@ -10,7 +10,8 @@ these same replicas; there is one engine, reached through two doors.
 
 What differs from the router's door, by design:
 
-- one model: ``/v1/models`` lists only it, any other ``model`` is a 404;
+- one model: ``/v1/models`` lists only it and its adapters (each loaded into this
+  replica's engine on first use, as on the router's door), any other ``model`` is a 404;
 - a key's quota is the fleet's: the replica counts it in the fleet app's quota
   actor (``router/shared_quota.py``), so both doors draw on one budget;
 - no readiness gate: a replica that answers has a running engine, and while the model
@@ -145,7 +146,7 @@ class DirectModelIngress(ModelDeployment):
         await self._drain.start()
         self._app = create_app(
             one_model,
-            {model_id: InProcessClient(self)},
+            {i: InProcessClient(self) for i in [model_id, *(a.id for a in model.adapters)]},
             status=ThisReplica(here),
             metrics=RayRouterMetrics(),
             echo_request_id=False,  # Serve's proxy echoes X-Request-Id itself

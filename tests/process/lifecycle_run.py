@@ -5,8 +5,9 @@ app and model A, each model an app of its own (``build_model_app``). While one c
 keeps asking A (streams and whole answers in turn), ``serve deploy`` applies three
 files in turn, the way an operator would:
 
-1. B added (its own app, ``fleet.<B>``), with a LoRA adapter served under its own id
-   (``tests/lora_adapter.py`` makes it); B's and the adapter's greedy answers are kept;
+1. B added (its own app, ``fleet.<B>``, with ``direct: true``: also at ``/m/<B>/v1``),
+   with a LoRA adapter served under its own id (``tests/lora_adapter.py`` makes it); B's
+   and the adapter's greedy answers through both doors are kept;
 2. B changed (its limits and autoscaling; Serve redeploys B's app alone);
 3. B removed.
 
@@ -61,7 +62,7 @@ def _model(model_id: str, **fields: Any) -> dict[str, Any]:
 def _model_app(model: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": f"fleet.{model['id']}",
-        "route_prefix": None,
+        "route_prefix": f"/m/{model['id']}" if model.get("direct") else None,
         "import_path": "llm_fleet.router.builder:build_model_app",
         "args": {"models": [model]},
     }
@@ -91,10 +92,11 @@ def config(b: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 ADAPTER = "smollm2-b-pirate"  # a LoRA adapter of B (tests/lora_adapter.py)
+B_DIRECT = f"/m/{MODEL_B}"  # B's own door: its replicas are its app's ingress
 
 
 def b_added(adapter: Path) -> dict[str, Any]:
-    return _model(MODEL_B, adapters=[{"id": ADAPTER, "source": str(adapter)}])
+    return _model(MODEL_B, direct=True, adapters=[{"id": ADAPTER, "source": str(adapter)}])
 
 
 def b_changed(adapter: Path) -> dict[str, Any]:
@@ -113,7 +115,8 @@ class LifecycleRun:
     pids_before: dict[str, list[int]] = field(default_factory=dict)  # "A", "router", "B"
     pids_after: dict[str, list[int]] = field(default_factory=dict)
     b_pids_changed: list[int] = field(default_factory=list)
-    # B's greedy answers to one prompt, by B and by its adapter (twice), while B served.
+    # B's greedy answers to one prompt, by B and by its adapter (twice), while B served,
+    # through the router and through B's direct door.
     lora: dict[str, Any] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)  # each serve deploy
     a_requests: list[dict[str, Any]] = field(default_factory=list)
@@ -169,8 +172,8 @@ def _keep_asking_a(stop: threading.Event, out: list[dict[str, Any]]) -> None:
         stream = not stream
 
 
-def _listed() -> list[str]:
-    return [m["id"] for m in httpx.get(f"{URL}/v1/models", timeout=10).json()["data"]]
+def _listed(door: str = "") -> list[str]:
+    return [m["id"] for m in httpx.get(f"{URL}{door}/v1/models", timeout=10).json()["data"]]
 
 
 def _until(predicate: Any, timeout_s: float) -> float | None:
@@ -215,14 +218,14 @@ def _b_gone() -> bool:
     return gone and _ask(MODEL_B).get("status") == 404 and _ask(ADAPTER).get("status") == 404
 
 
-def _greedy(model: str) -> dict[str, Any]:
+def _greedy(model: str, door: str = "") -> dict[str, Any]:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": "Write one sentence about ships."}],
         "max_tokens": 24,
         "temperature": 0,
     }
-    reply = httpx.post(f"{URL}/v1/chat/completions", json=body, timeout=300)
+    reply = httpx.post(f"{URL}{door}/v1/chat/completions", json=body, timeout=300)
     if reply.status_code != 200:
         return {"status": reply.status_code, "error": reply.text[:400]}
     answer = reply.json()
@@ -234,13 +237,17 @@ def _greedy(model: str) -> dict[str, Any]:
 
 
 def _lora() -> dict[str, Any]:
-    """The adapter next to its model: listed, and its greedy answer against B's."""
+    """The adapter next to its model: listed, and its greedy answer against B's, through
+    the router and then through B's direct door (the same replica's engine)."""
     return {
         "listed": ADAPTER in _listed(),
         "base": _greedy(MODEL_B),
         "adapter": _greedy(ADAPTER),
         "adapter_again": _greedy(ADAPTER),
         "base_again": _greedy(MODEL_B),
+        "direct_listed": _listed(B_DIRECT),
+        "direct_adapter": _greedy(ADAPTER, B_DIRECT),
+        "direct_base": _greedy(MODEL_B, B_DIRECT),
     }
 
 

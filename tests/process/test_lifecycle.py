@@ -72,3 +72,15 @@ def test_a_lora_adapter_is_served_under_its_own_id_and_answers_differently(
     assert lora["adapter"]["text"] != lora["base"]["text"]
     assert lora["adapter_again"]["text"] == lora["adapter"]["text"]
     assert lora["base_again"]["text"] == lora["base"]["text"]
+
+
+def test_b_direct_door_serves_its_adapter_as_the_router_does(run: dict[str, Any]) -> None:
+    """``/m/<B>/v1`` (B's replicas as their app's ingress) lists B and its adapter and
+    answers each as the router's door does: the same engine, the adapter loaded in it."""
+    lora = run["lora"]
+    assert sorted(lora["direct_listed"]) == ["smollm2-b", "smollm2-b-pirate"]
+    for answer in (lora["direct_adapter"], lora["direct_base"]):
+        assert answer["status"] == 200, answer
+    assert lora["direct_adapter"]["model"] == "smollm2-b-pirate"
+    assert lora["direct_adapter"]["text"] == lora["adapter"]["text"]
+    assert lora["direct_base"]["text"] == lora["base"]["text"]
