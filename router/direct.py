@@ -144,9 +144,10 @@ class DirectModelIngress(ModelDeployment):
         one_model = config.model_copy(update={"models": [model]})
         self._drain = Drain(config.router.drain_dir)
         await self._drain.start()
+        engine = InProcessClient(self)  # the model's and its adapters' (one engine)
         self._app = create_app(
             one_model,
-            {i: InProcessClient(self) for i in [model_id, *(a.id for a in model.adapters)]},
+            {i: engine for i in [model_id, *(a.id for a in model.adapters)]},
             status=ThisReplica(here),
             metrics=RayRouterMetrics(),
             echo_request_id=False,  # Serve's proxy echoes X-Request-Id itself

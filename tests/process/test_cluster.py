@@ -82,7 +82,7 @@ def test_past_the_bound_the_surplus_is_refused_at_once_with_retry_after(
     # handle checks the queue's count before it counts the request (Ray 2.60
     # serve/_private/router.py: wrap_request_assignment, then awaits, then
     # wrap_queued_request), so requests arriving together may pass the check together:
-    # CI's machine admitted 1 more than BOUND + CAPACITY with no slot freed.
+    # a CI run here admitted 1 more than BOUND + CAPACITY with no slot freed.
     assert len(refused) >= OVERFLOW - BOUND - CAPACITY - SERVE_CHECK_RACE, refused
     assert len(refused) <= OVERFLOW - BOUND, refused
     for request in refused:
